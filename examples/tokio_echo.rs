@@ -1,0 +1,2 @@
+//! Placeholder, replaced by the benchmark tool.
+fn main() {}

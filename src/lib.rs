@@ -1,0 +1,67 @@
+//! # echod: a multi-process pre-fork TCP echo daemon (RFC 862)
+//!
+//! ## Process tree
+//! ```text
+//! echod-master             binds listeners, reads config, handles signals,
+//!  │                       forks and reaps; never touches a client byte
+//!  ├── echod-worker 0 gen 3   (prefork) accepts on the inherited listeners,
+//!  ├── echod-worker 1 gen 3    serves many connections with one epoll loop
+//!  └── echod-conn             (fork mode) one child per accepted connection
+//! ```
+//! The names are the processes' `comm` (`ps -o comm`, `/proc/PID/comm`);
+//! log lines name each process by role, generation and pid.
+//!
+//! ## Modules
+//! | module | role | runs in |
+//! | --- | --- | --- |
+//! | `main.rs` | parse → config → logging → bind → `Master::run` → exit code | launcher |
+//! | [`cli`] | command-line flags, `--help` | launcher |
+//! | [`config`] | serde structs, defaults, validation, what a reload changes | master |
+//! | [`listener`] | bind (`SO_REUSEADDR`, backlog), non-blocking `accept4` | master, workers |
+//! | [`signals`] | the signal table as data; the self-pipe | all |
+//! | [`process`] | the one `fork()`; pdeathsig; reaping into typed exits | master / child |
+//! | [`pidfile`] | the locked pid file | master |
+//! | [`master`] | the supervisor loop and one handler per signal | master |
+//! | [`workers`] | the table of children, generations, phases, backoff (pure) | master |
+//! | [`scoreboard`] | `MAP_SHARED` heartbeats and counters | master, workers |
+//! | [`worker`] | the prefork worker's epoll loop | worker |
+//! | [`conn`] | fork mode: serve one connection | connection child |
+//! | [`echo`] | the echo state machine over a buffer (pure) | worker, child |
+//! | [`logging`] | our `log::Log`: stderr, `<N>` prefixes, syslog, file | all |
+//!
+//! ## Who holds which descriptor
+//! | descriptor | master | prefork worker | connection child |
+//! | --- | --- | --- | --- |
+//! | listening sockets | yes (the reference copies) | yes, until it drains | closed after fork |
+//! | master's signal pipe | yes | closed after fork | closed after fork |
+//! | worker's signal pipe + epoll | — | its own | — |
+//! | client connections | never (fork mode: closed right after fork) | its own only | its own only |
+//! | pid file (flock) | yes | closed after fork | closed after fork |
+//! | log file / syslog socket | yes | inherited (one `write` per line) | inherited |
+//!
+//! ## Signals
+//! The master's table is [`signals::MASTER_SIGNALS`]: `HUP` reload, `TERM`
+//! graceful stop (a second one stops at once), `INT`/`QUIT` fast stop,
+//! `TTIN`/`TTOU` one worker more/fewer, `USR1` reopen logs, `CHLD` reap.
+//! A prefork worker takes `TERM` as "stop accepting and drain", `INT` and
+//! `QUIT` as "exit now". A connection child ignores `TERM` (it has nothing
+//! to stop accepting; the master kills it after `shutdown_timeout`).
+//!
+//! ## No threads
+//! Every process that forks stays single-threaded for its whole life:
+//! `fork()` copies only the calling thread, and a lock held by another
+//! thread at that moment would stay locked forever in the child.
+
+pub mod cli;
+pub mod config;
+pub mod conn;
+pub mod echo;
+pub mod listener;
+pub mod logging;
+pub mod master;
+pub mod pidfile;
+pub mod process;
+pub mod scoreboard;
+pub mod signals;
+pub mod worker;
+pub mod workers;

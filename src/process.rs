@@ -1,0 +1,153 @@
+//! The one `fork()`, the child's resets, and reaping into typed exits.
+//!
+//! Runs in: the master (fork, reap) and, for the few instructions after
+//! `fork()` returns, in the new child (`after_fork_in_child`).
+//!
+//! Owns no descriptor. Every caller of [`fork`] writes a `// FORK:` block
+//! saying what each side closes and what copy-on-write shares.
+
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// Exit codes a child uses to tell the master what to do next.
+pub mod exit_code {
+    /// Normal end (drained, recycled, or told to stop).
+    pub const OK: i32 = 0;
+    /// Something went wrong that a fresh process may not hit again: respawn.
+    pub const FAILURE: i32 = 1;
+    /// The child can never start with this config (for example the
+    /// configured user does not exist): respawning would loop, so the master
+    /// stops, like nginx's exit code 2.
+    pub const FATAL: i32 = 2;
+    /// The child found its master gone right after fork (the race that
+    /// `PR_SET_PDEATHSIG` alone does not close).
+    pub const ORPHANED: i32 = 3;
+}
+
+/// How a child ended, as the master logs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// `exit(code)`.
+    Code(i32),
+    /// Killed by a signal; `true` if it dumped core.
+    Signaled(Signal, bool),
+}
+
+impl Exit {
+    /// Whether this exit is the normal end of a child's life.
+    pub fn is_clean(self) -> bool {
+        self == Exit::Code(exit_code::OK)
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Exit::Code(0) => write!(f, "exited normally"),
+            Exit::Code(c) => write!(f, "exited with code {c}"),
+            Exit::Signaled(s, true) => write!(f, "killed by {} (core dumped)", s.as_str()),
+            Exit::Signaled(s, false) => write!(f, "killed by {}", s.as_str()),
+        }
+    }
+}
+
+/// Which side of a `fork()` we are on.
+pub enum Fork {
+    /// The parent, with the child's pid.
+    Parent(Pid),
+    /// The new child.
+    Child,
+}
+
+/// Forks the process.
+///
+/// The caller's `// FORK:` block says what each side closes. The child must
+/// call [`after_fork_in_child`] first, and must end in `std::process::exit`
+/// (never by returning into the parent's stack, whose destructors would, for
+/// example, remove the master's pid file).
+pub fn fork() -> nix::Result<Fork> {
+    debug_assert_single_threaded();
+    // SAFETY: echod never starts a thread in a process that forks (asserted
+    // above in debug builds), so no lock can be held by another thread at
+    // the moment of fork, and the child may run any code, not only
+    // async-signal-safe functions.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Fork::Parent(child)),
+        nix::unistd::ForkResult::Child => Ok(Fork::Child),
+    }
+}
+
+/// What every child does first: die with the master, and close the race.
+///
+/// `PR_SET_PDEATHSIG(SIGKILL)` makes the kernel kill this child when the
+/// thread that forked it (the master's only thread) exits. If the master
+/// died between `fork()` and this call, the signal will never come: the
+/// `getppid()` check catches that case (the child was reparented). It must
+/// be set again after a `setuid()`, which clears it.
+pub fn after_fork_in_child(master: Pid) {
+    die_with_parent(master);
+}
+
+/// Sets `PR_SET_PDEATHSIG(SIGKILL)` and checks that `master` is still the
+/// parent; exits with [`exit_code::ORPHANED`] if it is not.
+pub fn die_with_parent(master: Pid) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no
+    // memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    if rc != 0 {
+        log::error!("prctl(PR_SET_PDEATHSIG): {}", Errno::last());
+    }
+    if nix::unistd::getppid() != master {
+        std::process::exit(exit_code::ORPHANED);
+    }
+}
+
+/// Collects every child that has exited, without blocking: `waitpid(-1,
+/// WNOHANG)` in a loop until none is left, because one `SIGCHLD` may stand
+/// for many exits (pending signals coalesce).
+pub fn reap() -> Vec<(Pid, Exit)> {
+    let mut out = Vec::new();
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => out.push((pid, Exit::Code(code))),
+            Ok(WaitStatus::Signaled(pid, sig, core)) => out.push((pid, Exit::Signaled(sig, core))),
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+            Ok(_) => continue, // stopped/continued: not an exit
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                log::error!("waitpid: {e}");
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// In debug builds, checks from `/proc/self/task` that this process has a
+/// single thread, the precondition of every `fork()` here.
+pub fn debug_assert_single_threaded() {
+    #[cfg(debug_assertions)]
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        let n = tasks.count();
+        debug_assert_eq!(n, 1, "fork() with {n} threads");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_read_as_log_phrases() {
+        assert_eq!(Exit::Code(0).to_string(), "exited normally");
+        assert_eq!(Exit::Code(3).to_string(), "exited with code 3");
+        assert_eq!(
+            Exit::Signaled(Signal::SIGKILL, false).to_string(),
+            "killed by SIGKILL"
+        );
+        assert!(Exit::Code(0).is_clean());
+        assert!(!Exit::Signaled(Signal::SIGTERM, false).is_clean());
+    }
+}

@@ -1,0 +1,188 @@
+//! The signal table, as data, and the self-pipe that turns signals into
+//! events a poll loop can wait on.
+//!
+//! Runs in: the master (its whole signal table) and every child (the
+//! worker's short table, registered after the master's pipe is dropped).
+//!
+//! Owns: one `UnixStream` pair per process (the self-pipe). The signal
+//! handlers that `signal-hook` installs only record the signal number and
+//! write a byte to the pipe; everything else happens in the poll loop, where
+//! any code may run. No thread is ever started: the master forks, and
+//! `fork()` in a threaded process may leave the child holding a lock forever.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+
+use signal_hook::consts::signal::{
+    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1,
+};
+use signal_hook::iterator::backend::SignalDelivery;
+use signal_hook::iterator::exfiltrator::SignalOnly;
+
+/// What a signal means to the master. The names say the intent; the table
+/// [`MASTER_SIGNALS`] maps them to the numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Re-read the config and start a new generation of workers.
+    Reload,
+    /// Stop accepting, let connections finish up to `shutdown_timeout`.
+    GracefulStop,
+    /// Kill the children now and exit.
+    FastStop,
+    /// Reap exited children.
+    Reap,
+    /// Reopen the log file (logrotate).
+    ReopenLogs,
+    /// One worker more (prefork).
+    AddWorker,
+    /// One worker fewer (prefork), never below one.
+    RemoveWorker,
+}
+
+/// One row of the signal table.
+#[derive(Debug, Clone, Copy)]
+pub struct SignalSpec {
+    /// The signal number.
+    pub signal: i32,
+    /// Its conventional name, for logs and `--help`.
+    pub name: &'static str,
+    /// What the master does with it.
+    pub action: Action,
+    /// One line for `--help` and the README.
+    pub help: &'static str,
+}
+
+/// The master's signal table: registration, logging and `--help` all read it.
+pub const MASTER_SIGNALS: &[SignalSpec] = &[
+    SignalSpec {
+        signal: SIGHUP,
+        name: "SIGHUP",
+        action: Action::Reload,
+        help: "reload: re-read the config; on success start a new generation of workers and drain the old one; on error keep serving with the old config",
+    },
+    SignalSpec {
+        signal: SIGTERM,
+        name: "SIGTERM",
+        action: Action::GracefulStop,
+        help: "graceful stop: close the listeners, let connections finish up to shutdown_timeout, then kill what is left; a second SIGTERM stops at once",
+    },
+    SignalSpec {
+        signal: SIGINT,
+        name: "SIGINT",
+        action: Action::FastStop,
+        help: "fast stop: kill the children now, remove the pid file, exit 0",
+    },
+    SignalSpec {
+        signal: SIGQUIT,
+        name: "SIGQUIT",
+        action: Action::FastStop,
+        help: "fast stop, as SIGINT",
+    },
+    SignalSpec {
+        signal: SIGTTIN,
+        name: "SIGTTIN",
+        action: Action::AddWorker,
+        help: "one worker more (prefork)",
+    },
+    SignalSpec {
+        signal: SIGTTOU,
+        name: "SIGTTOU",
+        action: Action::RemoveWorker,
+        help: "one worker fewer (prefork), never below 1",
+    },
+    SignalSpec {
+        signal: SIGUSR1,
+        name: "SIGUSR1",
+        action: Action::ReopenLogs,
+        help: "reopen the log file (for logrotate)",
+    },
+    SignalSpec {
+        signal: SIGCHLD,
+        name: "SIGCHLD",
+        action: Action::Reap,
+        help: "reap exited children; respawn what must be respawned",
+    },
+];
+
+/// The signals a prefork worker listens to. `SIGTERM` means "stop accepting
+/// and drain"; `SIGINT` and `SIGQUIT` mean "close everything and exit now".
+pub const WORKER_SIGNALS: &[i32] = &[SIGTERM, SIGINT, SIGQUIT];
+
+/// Looks a signal number up in the master's table.
+pub fn spec(signal: i32) -> Option<&'static SignalSpec> {
+    MASTER_SIGNALS.iter().find(|s| s.signal == signal)
+}
+
+/// The name of a signal number, such as `SIGKILL`, for log lines.
+pub fn name(signal: i32) -> String {
+    nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {signal}"))
+}
+
+/// A self-pipe fed by signal handlers.
+///
+/// Invariant: while it lives, every signal it was created with is caught and
+/// recorded; dropping it unregisters the handlers and closes both ends of the
+/// pipe (a signal left with no action afterwards is ignored, not defaulted:
+/// `signal-hook` keeps its trampoline installed).
+pub struct SignalPipe {
+    delivery: SignalDelivery<UnixStream, SignalOnly>,
+}
+
+impl SignalPipe {
+    /// Installs handlers for `signals`, each of which writes to a new
+    /// non-blocking, close-on-exec socket pair.
+    pub fn new(signals: &[i32]) -> std::io::Result<SignalPipe> {
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        let delivery = SignalDelivery::with_pipe(read, write, SignalOnly, signals)?;
+        Ok(SignalPipe { delivery })
+    }
+
+    /// Drains the pipe and returns the signals that arrived since the last
+    /// call, each once however often it was sent (the kernel coalesces
+    /// pending signals too; `SIGCHLD` handling therefore reaps in a loop).
+    pub fn pending(&mut self) -> Vec<i32> {
+        self.delivery.pending().collect()
+    }
+}
+
+impl AsFd for SignalPipe {
+    /// The read end, readable when a signal has arrived.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.delivery.get_read().as_fd()
+    }
+}
+
+/// Sends `signal` to `pid`, ignoring `ESRCH` (the process already exited
+/// and awaits reaping, or was reaped: either way there is nothing to do).
+pub fn send(pid: nix::unistd::Pid, signal: nix::sys::signal::Signal) {
+    match nix::sys::signal::kill(pid, signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => log::warn!("kill({pid}, {signal}): {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_master_signal_is_listed_once() {
+        let mut seen: Vec<i32> = MASTER_SIGNALS.iter().map(|s| s.signal).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), MASTER_SIGNALS.len());
+        assert_eq!(spec(SIGHUP).map(|s| s.action), Some(Action::Reload));
+        assert_eq!(spec(SIGTERM).map(|s| s.action), Some(Action::GracefulStop));
+        assert!(spec(libc::SIGKILL).is_none());
+    }
+
+    #[test]
+    fn names_are_conventional() {
+        assert_eq!(name(libc::SIGKILL), "SIGKILL");
+        assert_eq!(name(SIGTERM), "SIGTERM");
+    }
+}

@@ -1,0 +1,438 @@
+//! The prefork worker: one epoll loop over the inherited listeners, a
+//! signal pipe, and every connection the worker accepted.
+//!
+//! Runs in: each prefork worker (and, with `--single-process`, in the
+//! foreground process itself, for gdb and strace).
+//!
+//! Owns: its epoll instance, its signal pipe, its connections, and its
+//! copies of the listeners, which it closes when it drains. Signals:
+//! `SIGTERM` = stop accepting and drain; `SIGINT`/`SIGQUIT` = close
+//! everything and exit now.
+//!
+//! ## Level-triggered, on purpose
+//! Every descriptor is registered level-triggered. Echo is read-then-write:
+//! one `read` of up to `buffer_size` bytes and one `write` per wake-up. With
+//! edge triggering a connection would have to be read until `EAGAIN` (one
+//! extra, empty `read` per message, or a lost wake-up), and a worker that
+//! stops reading on backpressure would have to remember to come back.
+//! Level triggering reports again whatever is left, so the loop can stop
+//! early (a cap on accepts, a full client) and lose nothing.
+//!
+//! ## The thundering herd
+//! All workers share each listening socket (inherited, not `SO_REUSEPORT`)
+//! and register it with `EPOLLEXCLUSIVE`: the kernel wakes one waiting
+//! worker per new connection instead of all of them, and only workers that
+//! are actually blocked in `epoll_wait` are candidates, so a busy worker
+//! does not take connections from idle ones. `SO_REUSEPORT` would spread
+//! connections by hash, but each worker would need its own socket, and
+//! closing one (a reload, a recycled worker) resets the connections waiting
+//! in its queue: a shared queue loses nothing when a worker goes away, which
+//! is what a reload with zero dropped connections needs.
+
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+
+use crate::config::Config;
+use crate::echo::{Close, Echo, Next};
+use crate::listener::Listener;
+use crate::process::exit_code;
+use crate::scoreboard::{now_ms, Cell};
+use crate::signals::{SignalPipe, WORKER_SIGNALS};
+
+/// epoll token of the signal pipe.
+const TOKEN_SIGNALS: u64 = 0;
+/// epoll token of listener `i` is `TOKEN_LISTENER + i`.
+const TOKEN_LISTENER: u64 = 1;
+/// epoll token of connection slot `i` is `TOKEN_CONN + i`.
+const TOKEN_CONN: u64 = 1 << 32;
+/// How long accepting pauses after `EMFILE`/`ENFILE`, so that a listener
+/// that stays readable does not spin the CPU (nginx pauses for 500 ms).
+const ACCEPT_PAUSE_MS: u64 = 100;
+/// Longest sleep in `epoll_wait`: the heartbeat and idle-scan period.
+const TICK_MS: u64 = 1000;
+
+/// One client connection.
+///
+/// Invariant: `waiting` is what the connection is registered for in epoll
+/// (`Read` → `EPOLLIN`, `Write` → `EPOLLOUT`).
+struct Conn {
+    stream: TcpStream,
+    echo: Echo,
+    waiting: Next,
+    /// `now_ms()` of the last byte moved in either direction.
+    last_active: u64,
+}
+
+/// The socket as the echo state machine sees it.
+struct SocketIo<'a>(&'a TcpStream);
+
+impl crate::echo::Io for SocketIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        io::Read::read(&mut self.0, buf)
+    }
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        io::Write::write(&mut self.0, buf)
+    }
+}
+
+/// Why accepting is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accepting {
+    /// Listeners are registered in epoll.
+    On,
+    /// `max_connections` reached: resume when a connection closes.
+    Full,
+    /// `EMFILE`/`ENFILE`: resume at this `now_ms()`, or when a connection
+    /// closes and frees a descriptor.
+    Starved(u64),
+    /// Draining: the listeners are closed for good.
+    Closed,
+}
+
+/// The worker's whole state.
+struct Worker<'a> {
+    config: &'a Config,
+    epoll: Epoll,
+    listeners: Vec<Listener>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    open: usize,
+    scratch: Vec<u8>,
+    accepting: Accepting,
+    cell: Option<&'a Cell>,
+    now: u64,
+    last_starved_log: u64,
+}
+
+/// Runs the worker until it has drained or is told to exit; returns the
+/// process exit code. `cell` is its scoreboard slot (none in
+/// single-process mode).
+pub fn run(listeners: Vec<Listener>, config: &Config, cell: Option<&Cell>) -> i32 {
+    // Test hook, not documented for users: a worker that dies at start, so
+    // the integration tests can watch the master's crash-loop backoff.
+    if std::env::var_os("ECHOD_TEST_WORKER_CRASH").is_some() {
+        return exit_code::FAILURE;
+    }
+    let mut signals = match SignalPipe::new(WORKER_SIGNALS) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot install signal handlers: {e}");
+            return exit_code::FAILURE;
+        }
+    };
+    let mut worker = match Worker::new(listeners, config, cell, &signals) {
+        Ok(w) => w,
+        Err(e) => {
+            log::error!("cannot set up epoll: {e}");
+            return exit_code::FAILURE;
+        }
+    };
+    worker.run(&mut signals)
+}
+
+impl<'a> Worker<'a> {
+    fn new(
+        listeners: Vec<Listener>,
+        config: &'a Config,
+        cell: Option<&'a Cell>,
+        signals: &SignalPipe,
+    ) -> nix::Result<Worker<'a>> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(signals, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_SIGNALS))?;
+        let mut w = Worker {
+            config,
+            epoll,
+            listeners,
+            conns: Vec::new(),
+            free: Vec::new(),
+            open: 0,
+            scratch: vec![0; config.buffer_size],
+            accepting: Accepting::Full,
+            cell,
+            now: now_ms(),
+            last_starved_log: 0,
+        };
+        w.resume_accepting()?;
+        Ok(w)
+    }
+
+    fn run(&mut self, signals: &mut SignalPipe) -> i32 {
+        let mut events = vec![EpollEvent::empty(); 256];
+        let mut next_scan = self.now + TICK_MS;
+        loop {
+            if let Some(cell) = self.cell {
+                cell.beat(self.now, self.open);
+            }
+            let timeout = self.wait_ms(next_scan);
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => 0,
+                Err(e) => {
+                    log::error!("epoll_wait: {e}; exiting");
+                    return exit_code::FAILURE;
+                }
+            };
+            self.now = now_ms();
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_SIGNALS => {
+                        for sig in signals.pending() {
+                            if sig == libc::SIGTERM {
+                                self.start_draining();
+                            } else {
+                                log::info!(
+                                    "{}: closing {} connections and exiting",
+                                    crate::signals::name(sig),
+                                    self.open
+                                );
+                                return exit_code::OK;
+                            }
+                        }
+                    }
+                    t if t >= TOKEN_CONN => self.drive((t - TOKEN_CONN) as usize, ev.events()),
+                    t => self.accept_from((t - TOKEN_LISTENER) as usize),
+                }
+            }
+            if let Accepting::Starved(until) = self.accepting {
+                if self.now >= until {
+                    self.resume_or_log();
+                }
+            }
+            if self.now >= next_scan {
+                self.close_idle();
+                next_scan = self.now + TICK_MS;
+            }
+            if self.accepting == Accepting::Closed && self.open == 0 {
+                log::info!("drained; exiting");
+                return exit_code::OK;
+            }
+        }
+    }
+
+    /// Milliseconds until the next timer: the idle scan / heartbeat tick or
+    /// the end of an accept pause.
+    fn wait_ms(&self, next_scan: u64) -> u16 {
+        let mut until = next_scan;
+        if let Accepting::Starved(t) = self.accepting {
+            until = until.min(t);
+        }
+        until.saturating_sub(self.now).min(TICK_MS) as u16
+    }
+
+    /// Accepts from listener `i` until `EAGAIN`, the connection cap, or a
+    /// descriptor shortage.
+    fn accept_from(&mut self, i: usize) {
+        while self.accepting == Accepting::On {
+            if self.open >= self.config.max_connections {
+                self.pause_accepting(Accepting::Full);
+                return;
+            }
+            let Some(listener) = self.listeners.get(i) else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => self.add_conn(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    if self.now.saturating_sub(self.last_starved_log) >= 1000 {
+                        log::warn!(
+                            "accept: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({} connections open)",
+                            self.open
+                        );
+                        self.last_starved_log = self.now;
+                    }
+                    self.pause_accepting(Accepting::Starved(self.now + ACCEPT_PAUSE_MS));
+                    return;
+                }
+                // ECONNABORTED and friends: that one connection is gone;
+                // the queue may hold more.
+                Err(e) => {
+                    log::debug!("accept: {e}");
+                    continue;
+                }
+            }
+        }
+    }
+
+    fn add_conn(&mut self, stream: TcpStream, peer: SocketAddr) {
+        // Echo is latency-bound: never let Nagle hold back a short echo.
+        let _ = stream.set_nodelay(true);
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        let ev = EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_CONN + idx as u64);
+        if let Err(e) = self.epoll.add(stream.as_fd(), ev) {
+            log::warn!("epoll_ctl(ADD) for {peer}: {e}; closing it");
+            self.free.push(idx);
+            return;
+        }
+        log::debug!("connection from {peer}");
+        self.conns[idx] = Some(Conn {
+            stream,
+            echo: Echo::new(),
+            waiting: Next::Read,
+            last_active: self.now,
+        });
+        self.open += 1;
+        if let Some(cell) = self.cell {
+            let served = cell.served_one();
+            let max = self.config.max_requests_per_worker;
+            if max > 0 && served == max {
+                log::info!("served {served} connections; asking to be recycled");
+                cell.ask_retire();
+            }
+        }
+    }
+
+    /// Moves bytes on connection `idx` according to its readiness.
+    fn drive(&mut self, idx: usize, events: EpollFlags) {
+        let Some(Some(conn)) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let mut io = SocketIo(&conn.stream);
+        let next = match conn.waiting {
+            Next::Read => conn.echo.on_readable(&mut io, &mut self.scratch),
+            Next::Write
+                if events.intersects(
+                    EpollFlags::EPOLLOUT | EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP,
+                ) =>
+            {
+                conn.echo.on_writable(&mut io)
+            }
+            _ => return,
+        };
+        conn.last_active = self.now;
+        if next == conn.waiting {
+            return;
+        }
+        match next {
+            Next::Close(why) => self.close(idx, why),
+            Next::Read | Next::Write => {
+                // A backpressure transition: the only epoll_ctl on the data
+                // path.
+                let flags = if next == Next::Read {
+                    EpollFlags::EPOLLIN
+                } else {
+                    EpollFlags::EPOLLOUT
+                };
+                let mut ev = EpollEvent::new(flags, TOKEN_CONN + idx as u64);
+                if let Err(e) = self.epoll.modify(conn.stream.as_fd(), &mut ev) {
+                    log::warn!("epoll_ctl(MOD): {e}; closing the connection");
+                    self.close(idx, Close::Error(e as i32));
+                    return;
+                }
+                conn.waiting = next;
+            }
+        }
+    }
+
+    /// Closes connection `idx`. Closing the socket also removes it from
+    /// epoll: the worker holds the only descriptor of an accepted socket,
+    /// so no `EPOLL_CTL_DEL` is needed.
+    fn close(&mut self, idx: usize, why: Close) {
+        let Some(conn) = self.conns.get_mut(idx).and_then(Option::take) else {
+            return;
+        };
+        match why {
+            Close::Error(errno) => log::info!(
+                "connection from {}: {}; closed",
+                peer_of(&conn.stream),
+                io::Error::from_raw_os_error(errno)
+            ),
+            _ => log::debug!("connection from {} closed ({why:?})", peer_of(&conn.stream)),
+        }
+        drop(conn);
+        self.free.push(idx);
+        self.open -= 1;
+        if matches!(self.accepting, Accepting::Full | Accepting::Starved(_)) {
+            self.resume_or_log();
+        }
+    }
+
+    /// Closes connections idle for `idle_timeout` (0 = never), and returns
+    /// the buffers of connections that went quiet after a burst.
+    fn close_idle(&mut self) {
+        let limit = self.config.idle_timeout.as_millis() as u64;
+        for idx in 0..self.conns.len() {
+            let Some(conn) = self.conns[idx].as_mut() else {
+                continue;
+            };
+            let quiet = self.now.saturating_sub(conn.last_active);
+            if limit > 0 && quiet >= limit {
+                log::debug!(
+                    "connection from {} idle for {quiet} ms; closing",
+                    peer_of(&conn.stream)
+                );
+                self.close(idx, Close::Done);
+            } else if quiet >= TICK_MS {
+                conn.echo.shrink();
+            }
+        }
+    }
+
+    fn resume_or_log(&mut self) {
+        if self.open >= self.config.max_connections {
+            self.accepting = Accepting::Full;
+            return;
+        }
+        if let Err(e) = self.resume_accepting() {
+            log::error!("cannot resume accepting: {e}");
+        }
+    }
+
+    /// Registers every listener in epoll again.
+    fn resume_accepting(&mut self) -> nix::Result<()> {
+        if matches!(self.accepting, Accepting::On | Accepting::Closed) {
+            return Ok(());
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let ev = EpollEvent::new(
+                EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
+                TOKEN_LISTENER + i as u64,
+            );
+            self.epoll.add(l, ev)?;
+        }
+        self.accepting = Accepting::On;
+        Ok(())
+    }
+
+    /// Takes the listeners out of epoll. `EPOLLEXCLUSIVE` registrations
+    /// cannot be modified, only deleted and added again.
+    fn pause_accepting(&mut self, why: Accepting) {
+        if self.accepting == Accepting::On {
+            for l in &self.listeners {
+                let _ = self.epoll.delete(l);
+            }
+        }
+        self.accepting = why;
+    }
+
+    /// `SIGTERM`: stop accepting for good and finish the open connections.
+    ///
+    /// The listeners are deleted from epoll before they are closed: the
+    /// listening socket is shared with the master and the other workers, so
+    /// closing this worker's descriptor does not close the socket, and epoll
+    /// would go on reporting it (an epoll registration lives as long as the
+    /// open file description, not the descriptor).
+    fn start_draining(&mut self) {
+        if self.accepting == Accepting::Closed {
+            return;
+        }
+        self.pause_accepting(Accepting::Closed);
+        self.listeners.clear();
+        log::info!("draining {} connections", self.open);
+    }
+}
+
+fn peer_of(stream: &TcpStream) -> String {
+    stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "a client".into())
+}

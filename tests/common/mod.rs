@@ -1,0 +1,488 @@
+//! The integration-test harness: starts the real `echod` binary on a
+//! temporary config, reads its log, and inspects its processes in `/proc`.
+//! Every wait is bounded; every process a test starts is killed by PID when
+//! the [`Echod`] handle drops.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const ECHOD: &str = env!("CARGO_BIN_EXE_echod");
+
+/// A private temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "echod-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running echod master started by a test.
+pub struct Echod {
+    pub child: Child,
+    pub pid: i32,
+    log: Arc<Mutex<String>>,
+    pub dir: TempDir,
+    pub config_path: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+/// How to start echod.
+pub struct Start<'a> {
+    pub config: &'a str,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Wait for this many `listening on` lines and the master's start line.
+    pub wait_ready: bool,
+}
+
+impl<'a> Start<'a> {
+    pub fn config(config: &'a str) -> Start<'a> {
+        Start {
+            config,
+            args: vec![],
+            env: vec![],
+            wait_ready: true,
+        }
+    }
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_string());
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+    pub fn no_wait(mut self) -> Self {
+        self.wait_ready = false;
+        self
+    }
+    pub fn spawn(self) -> Echod {
+        Echod::spawn(self)
+    }
+}
+
+impl Echod {
+    /// Starts echod on `config` (TOML text) and waits until it is serving.
+    pub fn start(config: &str) -> Echod {
+        Start::config(config).spawn()
+    }
+
+    fn spawn(s: Start) -> Echod {
+        let dir = TempDir::new("echod");
+        let config_path = dir.path("echod.toml");
+        std::fs::write(&config_path, s.config).expect("write config");
+        let mut cmd = Command::new(ECHOD);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .args(&s.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("JOURNAL_STREAM");
+        for (k, v) in &s.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn echod");
+        let pid = child.id() as i32;
+        let log = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stream);
+                let mut line = String::new();
+                while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+                    log.lock().unwrap().push_str(&line);
+                    line.clear();
+                }
+            });
+        }
+        let mut e = Echod {
+            child,
+            pid,
+            log,
+            dir,
+            config_path,
+            exited: None,
+        };
+        if s.wait_ready {
+            let ok = wait_until(Duration::from_secs(10), || {
+                e.log().contains("starting generation")
+                    || e.log().contains("--single-process")
+                    || e.try_exit().is_some()
+            });
+            assert!(
+                ok && e.exited.is_none(),
+                "echod did not start:\n{}",
+                e.log()
+            );
+            // Every worker up: as many `echod-worker` children as spawned.
+            let _ = e.wait_workers_up(Duration::from_secs(10));
+        }
+        e
+    }
+
+    /// Everything echod wrote to stderr and stdout so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().contains(needle))
+    }
+
+    /// How many times `needle` appears in the log.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// The addresses echod reported as bound (`listening on ADDR`), in
+    /// order, latest reload included.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.log()
+            .lines()
+            .filter_map(|l| l.split("listening on ").nth(1))
+            .filter(|_| true)
+            .filter_map(|a| a.trim().parse().ok())
+            .collect()
+    }
+
+    /// The first bound address.
+    pub fn addr(&self) -> SocketAddr {
+        *self
+            .addrs()
+            .first()
+            .expect("echod reported no listening address")
+    }
+
+    /// The first bound IPv6 address.
+    pub fn addr6(&self) -> SocketAddr {
+        *self
+            .addrs()
+            .iter()
+            .find(|a| a.is_ipv6())
+            .expect("echod reported no IPv6 listening address")
+    }
+
+    /// Sends a signal to the master.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with a pid we started and still own.
+        unsafe {
+            libc::kill(self.pid, sig);
+        }
+    }
+
+    /// The master's direct children.
+    pub fn children(&self) -> Vec<i32> {
+        children_of(self.pid)
+    }
+
+    /// The master's children whose `comm` is `echod-worker`.
+    pub fn workers(&self) -> Vec<i32> {
+        self.children()
+            .into_iter()
+            .filter(|&p| comm(p).as_deref() == Some("echod-worker"))
+            .collect()
+    }
+
+    /// Waits until the workers' count is stable and each is in its epoll
+    /// loop (its scoreboard heartbeat is not visible here, so: each has an
+    /// epoll descriptor).
+    pub fn wait_workers_up(&self, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            let w = self.workers();
+            w.iter().all(|&p| has_epoll(p))
+        })
+    }
+
+    /// Replaces the config file (for a reload).
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(&self.config_path, config).expect("write config");
+    }
+
+    /// The exit status, if the master has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    /// Waits up to `timeout` for the master to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(s) = self.try_exit() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// Log lines at error level, for the "nothing unexpected" checks.
+    pub fn error_lines(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(" ERROR ") || l.starts_with("<3>"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Echod {
+    /// Kills the master and every descendant, by PID, and reaps the master.
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            let all = descendants(self.pid);
+            // SAFETY: kill(2) on pids this test started (the master) and
+            // their descendants found in /proc.
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+                for p in &all {
+                    libc::kill(*p, libc::SIGKILL);
+                }
+            }
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Direct children of `pid`, from `/proc/PID/task/*/children`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|x| x.parse::<i32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// Every descendant of `pid`.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for c in children_of(p) {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+/// `/proc/PID/comm`, trimmed.
+pub fn comm(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Whether `pid` is alive and not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// The targets of `/proc/PID/fd/*` (e.g. `socket:[123]`, `pipe:[4]`).
+pub fn fd_targets(pid: i32) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in dir.flatten() {
+            if let Ok(t) = std::fs::read_link(e.path()) {
+                out.push(t.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// How many descriptors `pid` holds.
+pub fn fd_count(pid: i32) -> usize {
+    fd_targets(pid).len()
+}
+
+fn has_epoll(pid: i32) -> bool {
+    fd_targets(pid).iter().any(|t| t.contains("eventpoll"))
+}
+
+/// The socket inodes `pid` holds.
+pub fn socket_inodes(pid: i32) -> Vec<u64> {
+    fd_targets(pid)
+        .iter()
+        .filter_map(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
+        .collect()
+}
+
+/// A TCP socket as `/proc/net/tcp{,6}` lists it.
+#[derive(Debug, Clone)]
+pub struct TcpSocket {
+    pub inode: u64,
+    /// `0A` is LISTEN, `01` ESTABLISHED.
+    pub state: String,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+impl TcpSocket {
+    pub fn listening(&self) -> bool {
+        self.state == "0A"
+    }
+}
+
+/// Every TCP socket of this network namespace, by inode.
+pub fn tcp_sockets() -> std::collections::HashMap<u64, TcpSocket> {
+    let mut out = std::collections::HashMap::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 {
+                continue;
+            }
+            let port = |s: &str| {
+                s.rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    .unwrap_or(0)
+            };
+            let Ok(inode) = cols[9].parse::<u64>() else {
+                continue;
+            };
+            if inode == 0 {
+                continue;
+            }
+            out.insert(
+                inode,
+                TcpSocket {
+                    inode,
+                    state: cols[3].to_string(),
+                    local_port: port(cols[1]),
+                    remote_port: port(cols[2]),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// The TCP sockets `pid` holds.
+pub fn tcp_sockets_of(pid: i32) -> Vec<TcpSocket> {
+    let all = tcp_sockets();
+    socket_inodes(pid)
+        .into_iter()
+        .filter_map(|i| all.get(&i).cloned())
+        .collect()
+}
+
+/// Connects with a bounded timeout and sets read/write timeouts.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Sends `payload` and reads back exactly as many bytes (writing and
+/// reading in turns of at most 64 KiB, so neither side's buffers fill).
+pub fn roundtrip(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(payload.len());
+    let mut buf = vec![0u8; 65536];
+    for chunk in payload.chunks(65536) {
+        stream.write_all(chunk)?;
+        let mut got = 0;
+        while got < chunk.len() {
+            let n = stream.read(&mut buf[..chunk.len() - got])?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            out.extend_from_slice(&buf[..n]);
+            got += n;
+        }
+    }
+    Ok(out)
+}
+
+/// One connection, one message, one echo: panics unless the echo matches.
+pub fn echo_once(addr: SocketAddr, payload: &[u8]) {
+    let mut s = connect(addr);
+    let back = roundtrip(&mut s, payload).unwrap_or_else(|e| panic!("echo via {addr}: {e}"));
+    assert!(back == payload, "echo via {addr} differs");
+}
+
+/// A deterministic pseudo-random payload (xorshift), so failures reproduce.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A minimal config: loopback, port 0, stderr logging at `level`, plus
+/// `extra` top-level keys.
+pub fn config(extra: &str) -> String {
+    format!("listen = [\"127.0.0.1:0\"]\n{extra}\n[log]\ntarget = \"stderr\"\nlevel = \"info\"\n")
+}
