@@ -55,10 +55,12 @@
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod daemon;
 pub mod echo;
 pub mod listener;
 pub mod logging;
 pub mod master;
+pub mod notify;
 pub mod pidfile;
 pub mod process;
 pub mod scoreboard;

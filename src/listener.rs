@@ -17,6 +17,14 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// Why a listener could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
+    /// A descriptor passed by systemd is not a usable TCP listener.
+    #[error("socket activation: descriptor {fd}: {reason}")]
+    Activation {
+        /// The descriptor number (3 and up).
+        fd: RawFd,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// `socket`, `setsockopt`, `bind` or `listen` failed.
     #[error("bind {addr}: {source}")]
     Bind {
@@ -114,6 +122,61 @@ impl AsRawFd for Listener {
     fn as_raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()
     }
+}
+
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+
+/// Adopts the listening sockets systemd passed (socket activation), or
+/// returns `None` when this process was not socket-activated.
+///
+/// The protocol: `LISTEN_PID` is our pid and `LISTEN_FDS` counts the
+/// descriptors starting at 3. The variables are removed so that no child
+/// takes them for its own. Each descriptor must be a listening TCP socket;
+/// it is made non-blocking (once, for every process that inherits it) and
+/// close-on-exec.
+pub fn from_systemd() -> Result<Option<Vec<Listener>>, ListenError> {
+    let pid_matches = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<RawFd>().ok());
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let (true, Some(count)) = (pid_matches, count) else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    for fd in LISTEN_FDS_START..LISTEN_FDS_START + count {
+        let bad = |reason: String| ListenError::Activation { fd, reason };
+        // SAFETY: by the socket-activation protocol these descriptors were
+        // opened for this process (LISTEN_PID matched) and nothing in it
+        // owns them yet; each is wrapped exactly once.
+        let socket = unsafe { Socket::from_raw_fd(fd) };
+        match (socket.r#type(), socket.is_listener()) {
+            (Ok(Type::STREAM), Ok(true)) => {}
+            (Err(e), _) | (_, Err(e)) => return Err(bad(e.to_string())),
+            _ => return Err(bad("not a listening stream socket".into())),
+        }
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| bad(e.to_string()))?;
+        socket.set_cloexec(true).map_err(|e| bad(e.to_string()))?;
+        let local = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| bad("not a TCP/IP socket".into()))?;
+        out.push(Listener {
+            socket,
+            configured: local,
+            local,
+        });
+    }
+    Ok(Some(out))
 }
 
 /// Reads the peer address accept4 filled in (IPv4 or IPv6; any other

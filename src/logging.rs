@@ -68,23 +68,16 @@ pub fn under_journald() -> bool {
 fn open_sink(cfg: &LogConfig, daemonized: bool) -> Result<Sink, LogError> {
     let target = match cfg.target {
         LogTarget::Auto if under_journald() => return Ok(Sink::Stderr { journal: true }),
-        LogTarget::Auto if daemonized => LogTarget::Syslog,
+        // Detached, stderr is /dev/null: syslog, if a syslog daemon runs
+        // (otherwise the records are lost, as any daemon's would be).
+        LogTarget::Auto if daemonized => {
+            return Ok(open_syslog(&cfg.facility).unwrap_or(Sink::Stderr { journal: false }));
+        }
         LogTarget::Auto => LogTarget::Stderr,
         t => t,
     };
     match target {
-        LogTarget::Syslog => {
-            let facility = cfg.facility.parse().unwrap_or(syslog::Facility::LOG_DAEMON);
-            let formatter = syslog::Formatter3164 {
-                facility,
-                hostname: None,
-                process: "echod".into(),
-                pid: std::process::id(),
-            };
-            syslog::unix(formatter)
-                .map(Sink::Syslog)
-                .map_err(|e| LogError::Syslog(e.to_string()))
-        }
+        LogTarget::Syslog => open_syslog(&cfg.facility),
         LogTarget::File => {
             let path = cfg
                 .file
@@ -97,6 +90,19 @@ fn open_sink(cfg: &LogConfig, daemonized: bool) -> Result<Sink, LogError> {
             journal: under_journald(),
         }),
     }
+}
+
+fn open_syslog(facility: &str) -> Result<Sink, LogError> {
+    let formatter = syslog::Formatter3164 {
+        // The config loader accepts only valid facility names.
+        facility: facility.parse().unwrap_or(syslog::Facility::LOG_DAEMON),
+        hostname: None,
+        process: "echod".into(),
+        pid: std::process::id(),
+    };
+    syslog::unix(formatter)
+        .map(Sink::Syslog)
+        .map_err(|e| LogError::Syslog(e.to_string()))
 }
 
 fn open_file(path: &PathBuf) -> Result<File, LogError> {

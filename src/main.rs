@@ -1,22 +1,27 @@
-//! The launcher: parse the command line, load the config, set up logging,
-//! bind the listeners, then hand over to the master (or, with
-//! `--single-process`, serve right here). Exit codes follow sysexits(3).
+//! The launcher: parse the command line, load the config, detach (with
+//! `--daemon`), set up logging, bind (or adopt systemd's) listeners, then
+//! hand over to the master (or, with `--single-process`, serve right here).
+//! Exit codes follow sysexits(3).
 //!
 //! Runs in: the process the user (or systemd) started, which becomes the
-//! master.
+//! master (with `--daemon`, its grandchild does).
 
 use std::process::ExitCode;
 
 use echod::cli::{self, Cli};
 use echod::config::{Config, Source};
-use echod::{listener, logging, master, worker};
+use echod::daemon::{self, Readiness};
+use echod::master::{Master, Setup};
+use echod::pidfile::PidFile;
+use echod::process::Credentials;
+use echod::{listener, logging, worker};
 
 /// sysexits(3): the command line was wrong.
 const EX_USAGE: u8 = 64;
-/// sysexits(3): the config is wrong.
-const EX_CONFIG: u8 = 78;
 /// sysexits(3): an operating-system error, such as a port in use.
 const EX_OSERR: u8 = 71;
+/// sysexits(3): the config is wrong.
+const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = match Cli::parse(std::env::args_os().skip(1)) {
@@ -48,37 +53,89 @@ fn main() -> ExitCode {
             echod::config::DEFAULT_PATH
         ),
     };
+    let credentials = match Credentials::resolve(config.user.as_deref(), config.group.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("echod: {origin}: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
     if cli.check_config {
         print!("# effective config, from {origin}\n{}", config.to_toml());
         eprintln!("echod: config OK ({origin})");
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = logging::apply(&config.log, false) {
+    let daemonize = cli.daemon || config.daemon;
+    let mut readiness = Readiness::none();
+    if daemonize {
+        // Returns in the daemon only; the launcher exits with its report.
+        match daemon::detach() {
+            Ok(r) => readiness = r,
+            Err(e) => {
+                eprintln!("echod: cannot detach: {e}");
+                return ExitCode::from(EX_OSERR);
+            }
+        }
+    }
+    // From here on, a failure is also reported to a waiting launcher.
+    let fail = |readiness: &mut Readiness, code: u8, message: String| {
+        log::error!("{message}");
+        readiness.failed(code, &message);
+        ExitCode::from(code)
+    };
+    if let Err(e) = logging::apply(&config.log, daemonize) {
         eprintln!("echod: {e}");
-        return ExitCode::from(EX_CONFIG);
+        return fail(&mut readiness, EX_CONFIG, e.to_string());
     }
     log::info!("echod {} using {origin}", env!("CARGO_PKG_VERSION"));
-    let listeners = match listener::bind_all(&config.listen, config.backlog) {
-        Ok(l) => l,
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::from(EX_OSERR);
+    // The pid file before the sockets: a second instance is refused for
+    // what it is, not for the port the first one holds.
+    let pidfile = match &config.pid_file {
+        Some(p) => match PidFile::create(p, std::process::id()) {
+            Ok(f) => Some(f),
+            Err(e) => return fail(&mut readiness, 1, e.to_string()),
+        },
+        None => None,
+    };
+    let (listeners, activated) = match listener::from_systemd() {
+        Ok(Some(l)) => {
+            log::info!("using {} sockets from systemd (socket activation)", l.len());
+            (l, true)
         }
+        Ok(None) => match listener::bind_all(&config.listen, config.backlog) {
+            Ok(l) => (l, false),
+            Err(e) => return fail(&mut readiness, EX_OSERR, e.to_string()),
+        },
+        Err(e) => return fail(&mut readiness, EX_OSERR, e.to_string()),
     };
     for l in &listeners {
         log::info!("listening on {}", l.local);
     }
     if cli.single_process {
-        log::warn!("--single-process: serving in this process, no workers, no supervision (debugging only)");
+        log::warn!(
+            "--single-process: serving in this process, no workers, no supervision (debugging only)"
+        );
+        readiness.ready();
         let code = worker::run(listeners, &config, None);
         return ExitCode::from(code as u8);
     }
-    let master = match master::Master::new(config, cli.config.clone(), listeners) {
-        Ok(m) => m,
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::from(1);
-        }
+    let setup = Setup {
+        config,
+        config_path: cli.config.clone(),
+        listeners,
+        activated,
+        readiness,
+        credentials,
+        pidfile,
     };
-    ExitCode::from(master.run() as u8)
+    match Master::new(setup) {
+        Ok(master) => ExitCode::from(master.run() as u8),
+        Err(e) => {
+            // The launcher learns of it when the readiness pipe closes
+            // unreported; say why here too.
+            log::error!("{e}");
+            eprintln!("echod: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -24,8 +24,11 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::config::{Config, Mode};
+use crate::daemon::Readiness;
 use crate::listener::{self, Listener};
+use crate::notify::Notifier;
 use crate::pidfile::PidFile;
+use crate::process::Credentials;
 use crate::process::{self, exit_code, Exit, Fork};
 use crate::scoreboard::{now_ms, Scoreboard};
 use crate::signals::{self, Action, SignalPipe, MASTER_SIGNALS};
@@ -59,9 +62,6 @@ pub enum MasterError {
     /// The shared scoreboard could not be mapped.
     #[error("scoreboard mmap: {0}")]
     Scoreboard(nix::Error),
-    /// The pid file is held or cannot be written.
-    #[error(transparent)]
-    PidFile(#[from] crate::pidfile::PidFileError),
 }
 
 /// The supervisor.
@@ -88,24 +88,56 @@ pub struct Master {
     accept_paused_until: Option<Instant>,
     /// The code to exit with once stopped.
     exit_code: i32,
+    /// sd_notify, when a service manager listens.
+    notifier: Notifier,
+    /// The `--daemon` launcher waiting for "ready".
+    readiness: Readiness,
+    /// `READY=1` is owed: at start, and after a successful reload, until
+    /// the current generation's pool is up.
+    awaiting_ready: bool,
+    /// The user/group children switch to (config `user`/`group`).
+    credentials: Option<Credentials>,
+    /// The listeners came from systemd (socket activation): `listen` in the
+    /// config is not applied, at start or at reload.
+    activated: bool,
+}
+
+/// Everything the launcher prepared for the master.
+pub struct Setup {
+    /// The validated config.
+    pub config: Config,
+    /// The file named with `--config`, re-read at every reload.
+    pub config_path: Option<PathBuf>,
+    /// The bound (or adopted) listeners.
+    pub listeners: Vec<Listener>,
+    /// Whether the listeners came from systemd.
+    pub activated: bool,
+    /// The daemon launcher's readiness pipe (`Readiness::none()` if not
+    /// daemonized).
+    pub readiness: Readiness,
+    /// Resolved `user`/`group`.
+    pub credentials: Option<Credentials>,
+    /// The locked pid file, if configured.
+    pub pidfile: Option<PidFile>,
 }
 
 impl Master {
-    /// Takes the bound listeners, installs the signal table, maps the
-    /// scoreboard and writes the pid file. Forks nothing yet.
-    pub fn new(
-        config: Config,
-        config_path: Option<PathBuf>,
-        listeners: Vec<Listener>,
-    ) -> Result<Master, MasterError> {
+    /// Takes the bound listeners and the pid file, installs the signal
+    /// table and maps the scoreboard. Forks nothing yet.
+    pub fn new(setup: Setup) -> Result<Master, MasterError> {
+        let Setup {
+            config,
+            config_path,
+            listeners,
+            activated,
+            readiness,
+            credentials,
+            pidfile,
+        } = setup;
         let sigs: Vec<i32> = MASTER_SIGNALS.iter().map(|s| s.signal).collect();
         let signals = SignalPipe::new(&sigs).map_err(MasterError::Signals)?;
         let board = Scoreboard::new().map_err(MasterError::Scoreboard)?;
         let pid = nix::unistd::getpid();
-        let pidfile = match &config.pid_file {
-            Some(p) => Some(PidFile::create(p, pid.as_raw() as u32)?),
-            None => None,
-        };
         Ok(Master {
             wanted: config.workers,
             config,
@@ -121,6 +153,11 @@ impl Master {
             pidfile,
             accept_paused_until: None,
             exit_code: exit_code::OK,
+            notifier: Notifier::from_env(),
+            readiness,
+            awaiting_ready: true,
+            credentials,
+            activated,
         })
     }
 
@@ -141,6 +178,7 @@ impl Master {
         );
         loop {
             self.manage_workers();
+            self.report_status();
             let accept = self.wait();
             let pending = self
                 .signals
@@ -209,13 +247,14 @@ impl Master {
     }
 
     /// The tick: short while workers of the current generation are coming
-    /// up or one is being recycled, so those steps are not a second late.
+    /// up, `READY=1` is owed, or a worker is being recycled, so that those
+    /// steps are not a second late.
     fn tick(&self) -> Duration {
         let starting = self
             .table
             .pool(self.generation)
             .any(|c| c.slot().is_some_and(|s| self.board.heartbeat(s) == 0));
-        if starting || self.table.recycling() {
+        if starting || self.awaiting_ready || self.table.recycling() {
             BUSY_TICK
         } else {
             TICK
@@ -265,16 +304,30 @@ impl Master {
             .clone()
             .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH));
         log::info!("SIGHUP: reloading {}", source.display());
-        let new = match Config::load(self.config_path.as_deref()) {
-            Ok((c, _)) => c,
-            Err(e) => {
-                log::error!(
-                    "reload failed, still serving generation {} with the old config: {e}",
-                    self.generation
+        self.notifier.reloading();
+        if let Err(e) = self.reload() {
+            log::error!(
+                "reload failed, still serving generation {} with the old config: {e}",
+                self.generation
+            );
+            let status = self.status_line();
+            self.notifier.ready(&status);
+        }
+    }
+
+    /// The body of a reload. Everything that can fail happens before the
+    /// commit point, so an error leaves the running generation untouched.
+    fn reload(&mut self) -> Result<(), String> {
+        let (mut new, _) = Config::load(self.config_path.as_deref()).map_err(|e| e.to_string())?;
+        let credentials = Credentials::resolve(new.user.as_deref(), new.group.as_deref())?;
+        if self.activated {
+            if new.listen != self.config.listen {
+                log::warn!(
+                    "listen is managed by systemd (socket activation): keeping the sockets it passed"
                 );
-                return;
             }
-        };
+            new.listen = self.listeners.iter().map(|l| l.configured).collect();
+        }
         // Bind what is new before anything is closed; addresses that stay
         // keep their socket (and the connections queued on it).
         let fresh: Vec<SocketAddr> = new
@@ -283,42 +336,18 @@ impl Master {
             .filter(|a| !self.listeners.iter().any(|l| l.configured == **a))
             .copied()
             .collect();
-        let mut bound = match listener::bind_all(&fresh, new.backlog) {
-            Ok(b) => b,
-            Err(e) => {
-                log::error!(
-                    "reload failed, still serving generation {} with the old config: {e}",
-                    self.generation
-                );
-                return;
-            }
-        };
+        let mut bound = listener::bind_all(&fresh, new.backlog).map_err(|e| e.to_string())?;
         let pidfile = if new.pid_file != self.config.pid_file {
-            match new
-                .pid_file
-                .as_deref()
-                .map(|p| PidFile::create(p, self.pid.as_raw() as u32))
-            {
-                Some(Err(e)) => {
-                    log::error!(
-                        "reload failed, still serving generation {} with the old config: {e}",
-                        self.generation
-                    );
-                    return;
-                }
-                Some(Ok(p)) => Some(Some(p)),
+            match new.pid_file.as_deref() {
+                Some(p) => Some(Some(
+                    PidFile::create(p, self.pid.as_raw() as u32).map_err(|e| e.to_string())?,
+                )),
                 None => Some(None),
             }
         } else {
             None
         };
-        if let Err(e) = crate::logging::apply(&new.log, self.config.daemon) {
-            log::error!(
-                "reload failed, still serving generation {} with the old config: {e}",
-                self.generation
-            );
-            return;
-        }
+        crate::logging::apply(&new.log, self.config.daemon).map_err(|e| e.to_string())?;
         // Commit.
         let mut old = std::mem::take(&mut self.listeners);
         for addr in &new.listen {
@@ -344,6 +373,8 @@ impl Master {
         self.generation += 1;
         self.wanted = self.config.workers;
         self.backoff.reset();
+        self.credentials = credentials;
+        self.awaiting_ready = true;
         log::info!(
             "reload: generation {} starts ({}); generation {} drains",
             self.generation,
@@ -366,6 +397,7 @@ impl Master {
         for l in old {
             log::info!("no longer listening on {}", l.local);
         }
+        Ok(())
     }
 
     /// `SIGTERM`: graceful stop; a second one stops at once.
@@ -393,6 +425,7 @@ impl Master {
     /// killed after `shutdown_timeout`) or, for a fast stop, `SIGKILL`.
     fn begin_stop(&mut self, graceful: bool) {
         self.state = State::Stopping { graceful };
+        self.notifier.stopping();
         self.listeners.clear();
         let now = Instant::now();
         if graceful {
@@ -581,12 +614,24 @@ impl Master {
     /// The part of every child's start that concerns the master's own
     /// resources.
     fn become_child(&mut self, role: String, comm: &str) {
+        // Privileges first: the credential change clears PR_SET_PDEATHSIG,
+        // which after_fork_in_child then sets.
+        if let Some(c) = &self.credentials {
+            if let Err(e) = c.apply() {
+                log::error!("cannot switch to user {:?} / gid {}: {e}", c.user, c.gid);
+                std::process::exit(exit_code::FATAL);
+            }
+        }
         process::after_fork_in_child(self.pid);
         // Dropping the pipe unregisters the master's handlers.
         self.signals = None;
         if let Some(p) = self.pidfile.take() {
             p.close_in_child();
         }
+        // Only the master may notify systemd (NotifyAccess=main) or the
+        // daemon launcher.
+        self.notifier = Notifier::default();
+        self.readiness.close_in_child();
         crate::logging::set_role(role);
         set_comm(comm);
     }
@@ -706,12 +751,7 @@ impl Master {
             .find(|c| c.phase == Phase::Recycling)
             .map(|c| c.pid);
         if let Some(old) = recycling {
-            let pool_up = self.table.pool(gen).count() >= self.wanted
-                && self
-                    .table
-                    .pool(gen)
-                    .all(|c| c.slot().is_none_or(|s| self.board.heartbeat(s) != 0));
-            if pool_up {
+            if self.pool_up() {
                 let deadline = Instant::now() + self.config.shutdown_timeout;
                 if let Some(c) = self.table.get_mut(old) {
                     log::info!("{c}: recycled; its replacement is up, draining it");
@@ -738,6 +778,61 @@ impl Master {
                 c.phase = Phase::Recycling;
             }
             self.manage_workers();
+        }
+    }
+
+    /// Whether the current generation is serving: every wanted worker is
+    /// forked and has beaten once (it is in its epoll loop).
+    fn pool_up(&self) -> bool {
+        if self.config.mode == Mode::Fork {
+            return true;
+        }
+        self.table.pool(self.generation).count() >= self.wanted
+            && self
+                .table
+                .pool(self.generation)
+                .all(|c| c.slot().is_none_or(|s| self.board.heartbeat(s) != 0))
+    }
+
+    /// Sends `READY=1` (and answers the daemon launcher) once the pool is
+    /// up, and keeps `STATUS=` current.
+    fn report_status(&mut self) {
+        if self.state != State::Running {
+            return;
+        }
+        if self.awaiting_ready && self.pool_up() {
+            self.awaiting_ready = false;
+            let status = self.status_line();
+            log::info!("ready: {status}");
+            self.notifier.ready(&status);
+            self.readiness.ready();
+        } else if self.notifier.enabled() {
+            let status = self.status_line();
+            self.notifier.status(&status);
+        }
+    }
+
+    /// `generation 3: 4 workers, 12 connections`.
+    fn status_line(&self) -> String {
+        match self.config.mode {
+            Mode::Prefork => {
+                let workers = self.table.pool(self.generation).count();
+                let conns: u64 = self
+                    .table
+                    .iter()
+                    .filter_map(Child::slot)
+                    .map(|s| u64::from(self.board.open(s)))
+                    .sum();
+                format!(
+                    "generation {}: {workers} workers, {conns} connections",
+                    self.generation
+                )
+            }
+            Mode::Fork => format!(
+                "generation {}: fork mode, {} connections",
+                self.generation,
+                self.table.connection_children()
+            ),
         }
     }
 

@@ -104,6 +104,62 @@ pub fn die_with_parent(master: Pid) {
     }
 }
 
+/// The user and group children run as (config `user` / `group`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user name, for logs.
+    pub user: Option<String>,
+    /// The uid to switch to, if a user is configured.
+    pub uid: Option<nix::unistd::Uid>,
+    /// The gid to switch to.
+    pub gid: nix::unistd::Gid,
+}
+
+impl Credentials {
+    /// Looks up `user` and `group` in the user database. With only a user,
+    /// the group is the user's primary group. `Ok(None)`: nothing to drop.
+    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credentials>, String> {
+        let pw = match user {
+            Some(name) => Some(
+                nix::unistd::User::from_name(name)
+                    .map_err(|e| format!("user {name:?}: {e}"))?
+                    .ok_or_else(|| format!("user {name:?} does not exist"))?,
+            ),
+            None => None,
+        };
+        let gid = match group {
+            Some(name) => {
+                nix::unistd::Group::from_name(name)
+                    .map_err(|e| format!("group {name:?}: {e}"))?
+                    .ok_or_else(|| format!("group {name:?} does not exist"))?
+                    .gid
+            }
+            None => match &pw {
+                Some(pw) => pw.gid,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(Credentials {
+            user: user.map(str::to_string),
+            uid: pw.map(|p| p.uid),
+            gid,
+        }))
+    }
+
+    /// Switches this process to the credentials: supplementary groups
+    /// cleared, then the gid, then the uid (last: after it, the others can
+    /// no longer be changed). Clears `PR_SET_PDEATHSIG` as a side effect of
+    /// the kernel's credential change: set it again afterwards.
+    pub fn apply(&self) -> nix::Result<()> {
+        nix::unistd::setgroups(&[])?;
+        nix::unistd::setgid(self.gid)?;
+        if let Some(uid) = self.uid {
+            nix::unistd::setuid(uid)?;
+        }
+        Ok(())
+    }
+}
+
 /// Collects every child that has exited, without blocking: `waitpid(-1,
 /// WNOHANG)` in a loop until none is left, because one `SIGCHLD` may stand
 /// for many exits (pending signals coalesce).

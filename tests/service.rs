@@ -1,0 +1,301 @@
+//! echod as a service: sd_notify, socket activation, `--daemon`, and the
+//! privilege drop. The real binary, loopback only, every wait bounded.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// Receives the next notification, closing any descriptor that came with
+/// it (none is expected from echod, which never sends `BARRIER=1`).
+fn next_message(rx: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = rx
+        .recv(&mut buf)
+        .expect("a notification within the timeout");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Plays systemd: `READY=1` once the workers are up, `RELOADING=1` (with
+/// `MONOTONIC_USEC`) then `READY=1` around a SIGHUP, `STOPPING=1` on
+/// SIGTERM.
+#[test]
+fn sd_notify_ready_reloading_stopping() {
+    let dir = TempDir::new("notify");
+    let sock = dir.path("notify.sock");
+    let rx = UnixDatagram::bind(&sock).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut e = Start::config(&config("workers = 2"))
+        .env("NOTIFY_SOCKET", sock.to_str().unwrap())
+        .no_wait()
+        .spawn();
+    let mut m = next_message(&rx);
+    while !m.contains("READY=1") {
+        assert!(m.starts_with("STATUS="), "before READY only STATUS: {m:?}");
+        m = next_message(&rx);
+    }
+    assert!(m.contains("STATUS=generation 1: 2 workers"), "{m:?}");
+    // READY means serving: the workers are up and echo works right away.
+    assert_eq!(e.workers().len(), 2);
+    echo_once(e.addr(), b"ready means serving");
+    e.signal(libc::SIGHUP);
+    let m = next_message(&rx);
+    assert!(m.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{m:?}");
+    let mut m = next_message(&rx);
+    while !m.contains("READY=1") {
+        m = next_message(&rx);
+    }
+    assert!(m.contains("generation 2"), "{m:?}");
+
+    e.signal(libc::SIGTERM);
+    let mut m = next_message(&rx);
+    while !m.contains("STOPPING=1") {
+        m = next_message(&rx);
+    }
+    assert_eq!(
+        e.wait_exit(Duration::from_secs(10)).map(|s| s.code()),
+        Some(Some(0))
+    );
+    assert!(e.error_lines().is_empty(), "{}", e.log());
+}
+
+/// Socket activation through `systemd-socket-activate`: echod serves the
+/// passed socket instead of binding, says so, and echoes.
+#[test]
+fn socket_activation_serves_the_passed_socket() {
+    if Command::new("systemd-socket-activate")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        eprintln!("SKIP: systemd-socket-activate is not installed");
+        return;
+    }
+    // systemd-socket-activate rejects port 0: find a free port, then hand
+    // it over (a short race with other tests, which all use port 0).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = TempDir::new("activate");
+    let cfg = dir.path("echod.toml");
+    // The config's own listen address must be ignored in favour of the
+    // passed socket: point it at something that would fail to bind.
+    std::fs::write(
+        &cfg,
+        "listen = [\"192.0.2.1:7\"]\nworkers = 2\n[log]\ntarget = \"stderr\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new("systemd-socket-activate")
+        .args(["-l", &format!("127.0.0.1:{port}"), ECHOD, "--config"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The activator listens at once and execs echod on the first
+    // connection; echod then accepts it from the queue.
+    let mut ok = false;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(ok, "activator never listened");
+    for i in 0..20u8 {
+        echo_once(addr, &payload(u64::from(i), 1000 + usize::from(i) * 100));
+    }
+    let pid = child.id() as i32;
+    assert_eq!(
+        comm(pid).as_deref(),
+        Some("echod-master"),
+        "the activator execs echod in place"
+    );
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("using 1 sockets from systemd (socket activation)"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("listening on 127.0.0.1:{port}")),
+        "{log}"
+    );
+}
+
+/// `--daemon`: the launcher returns 0 only once the daemon serves; the pid
+/// file holds the master's pid and is locked; a second start fails with a
+/// clear message; SIGTERM removes the pid file.
+#[test]
+fn daemon_detaches_with_a_locked_pid_file() {
+    let dir = TempDir::new("daemon");
+    let pidfile = dir.path("echod.pid");
+    let logfile = dir.path("echod.log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.path("echod.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:{port}\"]\nworkers = 2\npid_file = \"{}\"\n[log]\ntarget = \"file\"\nfile = \"{}\"\n",
+            pidfile.display(),
+            logfile.display()
+        ),
+    )
+    .unwrap();
+    let run = || {
+        Command::new(ECHOD)
+            .arg("--daemon")
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Cleanup guard: whatever happens below, the daemon dies.
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            if alive(self.0) {
+                // SAFETY: kill(2) on the daemon this test started.
+                unsafe { libc::kill(self.0, libc::SIGKILL) };
+            }
+        }
+    }
+    let _guard = Kill(pid);
+    assert_eq!(comm(pid).as_deref(), Some("echod-master"));
+    // Detached: a new session, re-parented away from this test.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let (ppid, sid): (i32, i32) = (fields[1].parse().unwrap(), fields[3].parse().unwrap());
+    assert_ne!(ppid, std::process::id() as i32);
+    assert_ne!(sid, unsafe { libc::getsid(0) }, "a new session");
+    // Serving already when the launcher returned.
+    echo_once(format!("127.0.0.1:{port}").parse().unwrap(), b"daemonized");
+    // The pid file is locked.
+    let locks = std::fs::read_to_string("/proc/locks").unwrap();
+    assert!(
+        locks
+            .lines()
+            .any(|l| l.contains("FLOCK") && l.contains(&format!(" {pid} "))),
+        "no flock held by {pid}:\n{locks}"
+    );
+    // A second instance is refused, clearly, before it touches the port.
+    let second = run();
+    assert!(!second.status.success());
+    let msg = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        msg.contains("locked by a running echod") && msg.contains(&pid.to_string()),
+        "{msg}"
+    );
+    // SIGTERM: the daemon exits and removes its pid file.
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(wait_until(Duration::from_secs(10), || !alive(pid)));
+    assert!(!pidfile.exists());
+    let log = std::fs::read_to_string(&logfile).unwrap();
+    assert!(log.contains("ready: generation 1"), "{log}");
+}
+
+/// `--daemon` whose port is taken: the launcher exits non-zero with the
+/// daemon's reason, instead of 0 as `daemonize` would.
+#[test]
+fn daemon_launcher_reports_a_failed_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = TempDir::new("daemon-fail");
+    let cfg = dir.path("echod.toml");
+    std::fs::write(
+        &cfg,
+        format!("listen = [\"127.0.0.1:{port}\"]\n[log]\ntarget = \"stderr\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(ECHOD)
+        .args(["--daemon", "--config"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(71));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        msg.contains(&format!("bind 127.0.0.1:{port}")) && msg.contains("in use"),
+        "{msg}"
+    );
+}
+
+/// With `user`/`group` set (and echod started as root), workers serve as
+/// that user and group, with no supplementary groups; the master keeps
+/// root to bind new addresses at a reload.
+#[test]
+fn workers_drop_privileges() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: workers_drop_privileges needs root");
+        return;
+    }
+    let e = Echod::start(&config(
+        "workers = 2\nuser = \"nobody\"\ngroup = \"nogroup\"",
+    ));
+    let workers = e.workers();
+    assert_eq!(workers.len(), 2);
+    let id_line = |pid: i32, key: &str| -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap()
+            .to_string()
+    };
+    for w in &workers {
+        assert_eq!(
+            id_line(*w, "Uid:").split_whitespace().nth(1),
+            Some("65534"),
+            "worker {w}"
+        );
+        assert!(id_line(*w, "Uid:")
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u == "65534"));
+        assert!(id_line(*w, "Gid:")
+            .split_whitespace()
+            .skip(1)
+            .all(|g| g == "65534"));
+        assert_eq!(id_line(*w, "Groups:").trim(), "Groups:");
+    }
+    assert_eq!(id_line(e.pid, "Uid:").split_whitespace().nth(1), Some("0"));
+    echo_once(e.addr(), b"as nobody");
+    assert!(e.error_lines().is_empty(), "{}", e.log());
+}
