@@ -116,7 +116,20 @@ fn main() -> ExitCode {
             "--single-process: serving in this process, no workers, no supervision (debugging only)"
         );
         readiness.ready();
-        let code = worker::run(listeners, &config, None);
+        // The same scoreboard a pool would use, with one slot: the worker
+        // loop is the same code either way.
+        let mut board = match echod::scoreboard::Scoreboard::new() {
+            Ok(b) => b,
+            Err(e) => return fail(&mut readiness, 1, format!("scoreboard mmap: {e}")),
+        };
+        let Some(slot) = board.claim() else {
+            return fail(&mut readiness, 1, "scoreboard: no slot".into());
+        };
+        let seat = worker::Seat {
+            board: &board,
+            slot,
+        };
+        let code = worker::run(listeners, &config, seat);
         return ExitCode::from(code as u8);
     }
     let setup = Setup {

@@ -14,7 +14,8 @@
 //! manage (converge the pool to the wanted size). Signal handlers only
 //! record and wake.
 
-use std::net::{SocketAddr, TcpStream};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, Overload};
 use crate::daemon::Readiness;
 use crate::listener::{self, Listener};
 use crate::notify::Notifier;
@@ -100,6 +101,10 @@ pub struct Master {
     /// The listeners came from systemd (socket activation): `listen` in the
     /// config is not applied, at start or at reload.
     activated: bool,
+    /// Fork mode: live connection children per source address.
+    per_ip: HashMap<IpAddr, usize>,
+    /// Fork mode: when each refused address was last logged.
+    refusals_logged: HashMap<IpAddr, Instant>,
 }
 
 /// Everything the launcher prepared for the master.
@@ -158,6 +163,8 @@ impl Master {
             awaiting_ready: true,
             credentials,
             activated,
+            per_ip: HashMap::new(),
+            refusals_logged: HashMap::new(),
         })
     }
 
@@ -273,7 +280,8 @@ impl Master {
             }
             self.accept_paused_until = None;
         }
-        self.table.connection_children() < self.config.max_connections
+        self.config.overload == Overload::Reject
+            || self.table.connection_children() < self.config.max_connections
     }
 
     fn handle_signal(&mut self, sig: i32) {
@@ -498,22 +506,27 @@ impl Master {
 
     /// Forks prefork worker `id` of the current generation.
     fn spawn_worker(&mut self, id: usize) {
-        let slot = self.board.claim();
-        if slot.is_none() {
-            log::warn!("scoreboard full: worker {id} runs without heartbeat supervision");
-        }
+        let Some(slot) = self.board.claim() else {
+            log::error!(
+                "scoreboard full ({} live workers): worker {id} not spawned",
+                crate::scoreboard::SLOTS
+            );
+            let _ = self.backoff.record_failure(Duration::ZERO, Instant::now());
+            return;
+        };
         match process::fork() {
             Err(e) => {
                 log::error!("fork: {e}; worker {id} not spawned");
-                if let Some(s) = slot {
-                    self.board.release(s);
-                }
+                self.board.release(slot);
                 let _ = self.backoff.record_failure(Duration::ZERO, Instant::now());
             }
             Ok(Fork::Parent(pid)) => {
                 let child = Child {
                     pid,
-                    role: Role::Worker { id, slot },
+                    role: Role::Worker {
+                        id,
+                        slot: Some(slot),
+                    },
                     generation: self.generation,
                     spawned: Instant::now(),
                     phase: Phase::Serving,
@@ -542,8 +555,11 @@ impl Master {
                     "echod-worker",
                 );
                 let listeners = std::mem::take(&mut self.listeners);
-                let cell = slot.map(|s| self.board.cell(s));
-                let code = crate::worker::run(listeners, &self.config, cell);
+                let seat = crate::worker::Seat {
+                    board: &self.board,
+                    slot,
+                };
+                let code = crate::worker::run(listeners, &self.config, seat);
                 std::process::exit(code);
             }
         }
@@ -553,9 +569,27 @@ impl Master {
     /// forking one child per connection.
     fn accept_connections(&mut self) {
         for i in 0..self.listeners.len() {
-            while self.table.connection_children() < self.config.max_connections {
+            loop {
+                let full = self.table.connection_children() >= self.config.max_connections;
+                if full && self.config.overload == Overload::Wait {
+                    // Clients wait in the backlog until a child exits.
+                    return;
+                }
                 match self.listeners[i].accept() {
-                    Ok((stream, peer)) => self.fork_connection(stream, peer),
+                    Ok((stream, peer)) if full => {
+                        drop(stream);
+                        self.log_refusal(peer, "max_connections reached (overload = \"reject\")");
+                    }
+                    Ok((stream, peer)) => {
+                        let cap = self.config.max_connections_per_ip;
+                        let count = self.per_ip.get(&peer.ip()).copied().unwrap_or(0);
+                        if cap > 0 && count >= cap {
+                            drop(stream);
+                            self.log_refusal(peer, "max_connections_per_ip reached");
+                        } else {
+                            self.fork_connection(stream, peer);
+                        }
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
@@ -566,6 +600,23 @@ impl Master {
                     Err(e) => log::debug!("accept: {e}"),
                 }
             }
+        }
+    }
+
+    /// Logs a refused connection at most once a second per address.
+    fn log_refusal(&mut self, peer: SocketAddr, why: &str) {
+        let now = Instant::now();
+        if self.refusals_logged.len() > 4096 {
+            self.refusals_logged
+                .retain(|_, t| now.duration_since(*t) < Duration::from_secs(1));
+        }
+        let fresh = match self.refusals_logged.get(&peer.ip()) {
+            Some(t) => now.duration_since(*t) >= Duration::from_secs(1),
+            None => true,
+        };
+        if fresh {
+            self.refusals_logged.insert(peer.ip(), now);
+            log::warn!("{why}: refusing {peer}");
         }
     }
 
@@ -590,6 +641,7 @@ impl Master {
                 };
                 log::debug!("{child}: spawned");
                 self.table.insert(child);
+                *self.per_ip.entry(peer.ip()).or_insert(0) += 1;
             }
             Ok(Fork::Child) => {
                 // FORK (connection child):
@@ -646,6 +698,14 @@ impl Master {
             };
             if let Some(s) = child.slot() {
                 self.board.release(s);
+            }
+            if let Role::Conn { peer } = child.role {
+                if let Some(n) = self.per_ip.get_mut(&peer.ip()) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_ip.remove(&peer.ip());
+                    }
+                }
             }
             self.log_exit(&child, exit);
         }

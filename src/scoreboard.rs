@@ -1,6 +1,8 @@
 //! The scoreboard: a table in `MAP_SHARED` memory through which workers tell
 //! the master that they are alive and how much they have served, with no
-//! descriptor and no syscall per beat.
+//! descriptor and no syscall per beat; and through which workers count the
+//! live connections of each source address across the whole pool
+//! (`max_connections_per_ip`).
 //!
 //! Runs in: the master (maps it once, before the first fork; reads it every
 //! tick) and every prefork worker (writes its own slot only).
@@ -10,6 +12,7 @@
 //! become a copy-on-write copy in each child, and the master would never see
 //! a worker's writes.
 
+use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -38,24 +41,56 @@ pub struct Cell {
     wants_retire: AtomicBool,
 }
 
+/// Buckets per hash in a worker's per-address table.
+const IP_BUCKETS: usize = 1024;
+
+/// A worker's count of live connections per source address, as two
+/// count-min rows: an address adds one to a bucket of each row, chosen by
+/// two independent keyed hashes. The estimate for an address (the smaller
+/// of its two buckets, summed over live workers) is never below the truth;
+/// it is above it only if other addresses collide with it in both rows.
+#[repr(C)]
+struct IpTable {
+    rows: [[AtomicU32; IP_BUCKETS]; 2],
+}
+
+/// The layout of the shared mapping.
+#[repr(C)]
+struct Shared {
+    cells: [Cell; SLOTS],
+    /// Bit `i` set: slot `i` belongs to a live worker (set at claim,
+    /// cleared at release, by the master).
+    live: [AtomicU64; SLOTS / 64],
+    /// The per-address tables, one per slot.
+    ips: [IpTable; SLOTS],
+}
+
+/// Where an address's connections are counted: one bucket per row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IpKey([u16; 2]);
+
 /// The shared table.
 ///
-/// Invariant: `cells` points to `SLOTS` cells in a shared mapping that lives
-/// as long as the process (it is never unmapped: children inherit it and the
-/// master needs it until exit).
+/// Invariant: `shared` points to one `Shared` in a shared mapping that
+/// lives as long as the process (it is never unmapped: children inherit it
+/// and the master needs it until exit).
 pub struct Scoreboard {
-    cells: NonNull<Cell>,
+    shared: NonNull<Shared>,
     free: Vec<usize>,
+    /// Keys of the address hashes, random per master (so a client cannot
+    /// choose addresses that collide), copied into every worker at fork.
+    seed: [u64; 2],
 }
 
 impl Scoreboard {
     /// Maps the table. Call once, in the master, before forking.
     pub fn new() -> nix::Result<Scoreboard> {
-        let len = NonZeroUsize::new(SLOTS * std::mem::size_of::<Cell>())
+        let len = NonZeroUsize::new(std::mem::size_of::<Shared>())
             .expect("the scoreboard has a non-zero size");
         // SAFETY: a fresh anonymous mapping aliases no Rust object; the
-        // kernel zero-fills it, and all-zero bytes are a valid `Cell` (atomic
-        // integers and a bool, all false/0).
+        // kernel zero-fills it, and all-zero bytes are a valid `Shared`
+        // (atomic integers and bools, all 0/false). Pages are allocated on
+        // first touch: only the slots in use cost memory.
         let ptr = unsafe {
             mmap_anonymous(
                 None,
@@ -65,8 +100,9 @@ impl Scoreboard {
             )?
         };
         Ok(Scoreboard {
-            cells: ptr.cast(),
+            shared: ptr.cast(),
             free: (0..SLOTS).rev().collect(),
+            seed: [random_u64(), random_u64()],
         })
     }
 
@@ -79,22 +115,81 @@ impl Scoreboard {
         cell.served.store(0, Ordering::Relaxed);
         cell.open.store(0, Ordering::Relaxed);
         cell.wants_retire.store(false, Ordering::Relaxed);
+        for row in &self.shared().ips[slot].rows {
+            for bucket in row {
+                bucket.store(0, Ordering::Relaxed);
+            }
+        }
+        self.shared().live[slot / 64].fetch_or(1 << (slot % 64), Ordering::Release);
         Some(slot)
     }
 
     /// Returns a slot once its worker has been reaped.
     pub fn release(&mut self, slot: usize) {
         debug_assert!(slot < SLOTS && !self.free.contains(&slot));
+        // A worker that died without closing its connections leaves counts
+        // behind: they stop counting here, and are zeroed at the next claim.
+        self.shared().live[slot / 64].fetch_and(!(1 << (slot % 64)), Ordering::Release);
         self.free.push(slot);
+    }
+
+    fn shared(&self) -> &Shared {
+        // SAFETY: `shared` points to an initialised `Shared` for the life of
+        // the process (see the type's invariant); it is only ever accessed
+        // through atomics, so shared references across processes are sound.
+        unsafe { self.shared.as_ref() }
     }
 
     /// The cell of `slot`.
     pub fn cell(&self, slot: usize) -> &Cell {
-        assert!(slot < SLOTS);
-        // SAFETY: `cells` points to SLOTS initialised cells (see the type's
-        // invariant) and `slot < SLOTS`; cells are only ever accessed through
-        // atomics, so shared references across processes are sound.
-        unsafe { &*self.cells.as_ptr().add(slot) }
+        &self.shared().cells[slot]
+    }
+
+    /// Where `ip`'s connections are counted.
+    pub fn ip_key(&self, ip: IpAddr) -> IpKey {
+        let bytes = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or_default());
+        let hash = |seed: u64| (mix(mix(seed ^ word(0)) ^ word(8)) as usize % IP_BUCKETS) as u16;
+        IpKey([hash(self.seed[0]), hash(self.seed[1])])
+    }
+
+    /// Counts one more connection of `key` in `slot`'s table.
+    pub fn ip_add(&self, slot: usize, key: IpKey) {
+        let t = &self.shared().ips[slot];
+        for (row, b) in t.rows.iter().zip(key.0) {
+            row[usize::from(b)].fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Counts one connection of `key` fewer in `slot`'s table.
+    pub fn ip_sub(&self, slot: usize, key: IpKey) {
+        let t = &self.shared().ips[slot];
+        for (row, b) in t.rows.iter().zip(key.0) {
+            let _ = row[usize::from(b)].fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            });
+        }
+    }
+
+    /// Live connections of `key` across every live worker (an estimate
+    /// never below the truth).
+    pub fn ip_total(&self, key: IpKey) -> u32 {
+        let shared = self.shared();
+        let mut sums = [0u32; 2];
+        for (word_index, word) in shared.live.iter().enumerate() {
+            let mut bits = word.load(Ordering::Acquire);
+            while bits != 0 {
+                let slot = word_index * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                for (r, b) in key.0.iter().enumerate() {
+                    sums[r] += shared.ips[slot].rows[r][usize::from(*b)].load(Ordering::Acquire);
+                }
+            }
+        }
+        sums[0].min(sums[1])
     }
 
     /// The last heartbeat of `slot` (0 if the worker has not started yet).
@@ -131,6 +226,27 @@ impl Cell {
     }
 }
 
+/// The splitmix64 finaliser: every input bit affects every output bit.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// 64 random bits from the kernel (`getrandom`), or the clock if that fails.
+fn random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == 8 {
+        u64::from_ne_bytes(buf)
+    } else {
+        now_ms().wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(std::process::id())
+    }
+}
+
 /// Milliseconds of CLOCK_MONOTONIC_COARSE: one vDSO read, no syscall, a few
 /// milliseconds of resolution, which is all timeouts and heartbeats need.
 /// The same clock in every process, so the master can compare a worker's
@@ -159,5 +275,53 @@ mod tests {
         assert_eq!(again, s);
         assert_eq!(b.heartbeat(s), 0);
         assert!(!b.wants_retire(s));
+    }
+
+    #[test]
+    fn per_address_counts_sum_over_live_workers_only() {
+        let mut b = Scoreboard::new().unwrap();
+        let (w1, w2) = (b.claim().unwrap(), b.claim().unwrap());
+        let a = b.ip_key("127.0.0.2".parse().unwrap());
+        let other = b.ip_key("127.0.0.3".parse().unwrap());
+        b.ip_add(w1, a);
+        b.ip_add(w2, a);
+        b.ip_add(w2, a);
+        assert_eq!(b.ip_total(a), 3);
+        b.ip_sub(w2, a);
+        assert_eq!(b.ip_total(a), 2);
+        // An address never seen counts 0 unless it collides in both rows.
+        if other.0[0] != a.0[0] || other.0[1] != a.0[1] {
+            assert_eq!(b.ip_total(other), 0);
+        }
+        // A worker that died holding connections stops counting.
+        b.release(w1);
+        assert_eq!(b.ip_total(a), 1);
+        // And its table is clean for the next worker.
+        let again = b.claim().unwrap();
+        assert_eq!(again, w1);
+        assert_eq!(b.ip_total(a), 1);
+    }
+
+    #[test]
+    fn neighbouring_addresses_land_in_different_buckets() {
+        let b = Scoreboard::new().unwrap();
+        let keys: Vec<IpKey> = (1..=50u8)
+            .map(|i| b.ip_key(std::net::Ipv4Addr::new(127, 0, 0, i).into()))
+            .collect();
+        // Both rows colliding for two of 50 neighbours would be a broken
+        // hash (chance with a good one: about 50*49/2 / 1024^2).
+        for (i, a) in keys.iter().enumerate() {
+            for c in &keys[i + 1..] {
+                assert!(a.0[0] != c.0[0] || a.0[1] != c.0[1], "{a:?} {c:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn ipv4_and_its_mapped_ipv6_form_count_together() {
+        let b = Scoreboard::new().unwrap();
+        let v4 = b.ip_key("10.1.2.3".parse().unwrap());
+        let mapped = b.ip_key("::ffff:10.1.2.3".parse().unwrap());
+        assert_eq!(v4, mapped);
     }
 }

@@ -36,11 +36,11 @@ use std::os::fd::AsFd;
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
-use crate::config::Config;
+use crate::config::{Config, Overload};
 use crate::echo::{Close, Echo, Next};
 use crate::listener::Listener;
 use crate::process::exit_code;
-use crate::scoreboard::{now_ms, Cell};
+use crate::scoreboard::{now_ms, IpKey, Scoreboard};
 use crate::signals::{SignalPipe, WORKER_SIGNALS};
 
 /// epoll token of the signal pipe.
@@ -65,6 +65,17 @@ struct Conn {
     waiting: Next,
     /// `now_ms()` of the last byte moved in either direction.
     last_active: u64,
+    /// Where this connection is counted for `max_connections_per_ip`.
+    ip: IpKey,
+}
+
+/// A worker's place in the scoreboard.
+#[derive(Clone, Copy)]
+pub struct Seat<'a> {
+    /// The shared table.
+    pub board: &'a Scoreboard,
+    /// This worker's slot in it.
+    pub slot: usize,
 }
 
 /// The socket as the echo state machine sees it.
@@ -103,15 +114,18 @@ struct Worker<'a> {
     open: usize,
     scratch: Vec<u8>,
     accepting: Accepting,
-    cell: Option<&'a Cell>,
+    seat: Seat<'a>,
     now: u64,
     last_starved_log: u64,
+    /// When each refused address was last logged (at most once a second
+    /// per address; pruned as it grows).
+    refusals_logged: std::collections::HashMap<std::net::IpAddr, u64>,
+    last_overload_log: u64,
 }
 
 /// Runs the worker until it has drained or is told to exit; returns the
-/// process exit code. `cell` is its scoreboard slot (none in
-/// single-process mode).
-pub fn run(listeners: Vec<Listener>, config: &Config, cell: Option<&Cell>) -> i32 {
+/// process exit code. `seat` is its scoreboard slot.
+pub fn run(listeners: Vec<Listener>, config: &Config, seat: Seat<'_>) -> i32 {
     // Test hook, not documented for users: a worker that dies at start, so
     // the integration tests can watch the master's crash-loop backoff.
     if std::env::var_os("ECHOD_TEST_WORKER_CRASH").is_some() {
@@ -124,7 +138,7 @@ pub fn run(listeners: Vec<Listener>, config: &Config, cell: Option<&Cell>) -> i3
             return exit_code::FAILURE;
         }
     };
-    let mut worker = match Worker::new(listeners, config, cell, &signals) {
+    let mut worker = match Worker::new(listeners, config, seat, &signals) {
         Ok(w) => w,
         Err(e) => {
             log::error!("cannot set up epoll: {e}");
@@ -138,7 +152,7 @@ impl<'a> Worker<'a> {
     fn new(
         listeners: Vec<Listener>,
         config: &'a Config,
-        cell: Option<&'a Cell>,
+        seat: Seat<'a>,
         signals: &SignalPipe,
     ) -> nix::Result<Worker<'a>> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
@@ -152,9 +166,11 @@ impl<'a> Worker<'a> {
             open: 0,
             scratch: vec![0; config.buffer_size],
             accepting: Accepting::Full,
-            cell,
+            seat,
             now: now_ms(),
             last_starved_log: 0,
+            refusals_logged: std::collections::HashMap::new(),
+            last_overload_log: 0,
         };
         w.resume_accepting()?;
         Ok(w)
@@ -164,9 +180,10 @@ impl<'a> Worker<'a> {
         let mut events = vec![EpollEvent::empty(); 256];
         let mut next_scan = self.now + TICK_MS;
         loop {
-            if let Some(cell) = self.cell {
-                cell.beat(self.now, self.open);
-            }
+            self.seat
+                .board
+                .cell(self.seat.slot)
+                .beat(self.now, self.open);
             let timeout = self.wait_ms(next_scan);
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
@@ -227,7 +244,9 @@ impl<'a> Worker<'a> {
     /// descriptor shortage.
     fn accept_from(&mut self, i: usize) {
         while self.accepting == Accepting::On {
-            if self.open >= self.config.max_connections {
+            let full = self.open >= self.config.max_connections;
+            if full && self.config.overload == Overload::Wait {
+                // Clients wait in the backlog until a connection closes.
                 self.pause_accepting(Accepting::Full);
                 return;
             }
@@ -235,7 +254,8 @@ impl<'a> Worker<'a> {
                 return;
             };
             match listener.accept() {
-                Ok((stream, peer)) => self.add_conn(stream, peer),
+                Ok((stream, peer)) if full => self.refuse_overload(stream, peer),
+                Ok((stream, peer)) => self.admit(stream, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
@@ -259,7 +279,61 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn add_conn(&mut self, stream: TcpStream, peer: SocketAddr) {
+    /// `overload = "reject"` at `max_connections`: the connection is
+    /// accepted and closed at once, so the client learns right away instead
+    /// of waiting in the backlog.
+    fn refuse_overload(&mut self, stream: TcpStream, peer: SocketAddr) {
+        drop(stream);
+        if self.now.saturating_sub(self.last_overload_log) >= 1000 {
+            self.last_overload_log = self.now;
+            log::warn!(
+                "max_connections ({}) reached: refusing {peer} (overload = \"reject\")",
+                self.config.max_connections
+            );
+        }
+    }
+
+    /// Applies `max_connections_per_ip` (counted across every worker in
+    /// the scoreboard), then serves the connection or closes it at once.
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let cap = self.config.max_connections_per_ip;
+        let mut key = IpKey::default();
+        if cap > 0 {
+            let board = self.seat.board;
+            key = board.ip_key(peer.ip());
+            // Count first, then check: two workers admitting the same
+            // address at once both see both counts, so neither lets the
+            // address past its cap (at worst both refuse).
+            board.ip_add(self.seat.slot, key);
+            if board.ip_total(key) as usize > cap {
+                board.ip_sub(self.seat.slot, key);
+                drop(stream);
+                self.log_refusal(peer);
+                return;
+            }
+        }
+        self.add_conn(stream, peer, key);
+    }
+
+    /// Logs a per-address refusal at most once a second per address.
+    fn log_refusal(&mut self, peer: SocketAddr) {
+        let now = self.now;
+        if self.refusals_logged.len() > 4096 {
+            self.refusals_logged
+                .retain(|_, t| now.saturating_sub(*t) < 1000);
+        }
+        let last = self.refusals_logged.entry(peer.ip()).or_insert(0);
+        if *last == 0 || now.saturating_sub(*last) >= 1000 {
+            *last = now;
+            log::warn!(
+                "{} has max_connections_per_ip ({}) connections: refusing {peer}",
+                peer.ip(),
+                self.config.max_connections_per_ip
+            );
+        }
+    }
+
+    fn add_conn(&mut self, stream: TcpStream, peer: SocketAddr, ip: IpKey) {
         // Echo is latency-bound: never let Nagle hold back a short echo.
         let _ = stream.set_nodelay(true);
         let idx = self.free.pop().unwrap_or_else(|| {
@@ -270,6 +344,7 @@ impl<'a> Worker<'a> {
         if let Err(e) = self.epoll.add(stream.as_fd(), ev) {
             log::warn!("epoll_ctl(ADD) for {peer}: {e}; closing it");
             self.free.push(idx);
+            self.uncount(ip);
             return;
         }
         log::debug!("connection from {peer}");
@@ -278,15 +353,22 @@ impl<'a> Worker<'a> {
             echo: Echo::new(),
             waiting: Next::Read,
             last_active: self.now,
+            ip,
         });
         self.open += 1;
-        if let Some(cell) = self.cell {
-            let served = cell.served_one();
-            let max = self.config.max_requests_per_worker;
-            if max > 0 && served == max {
-                log::info!("served {served} connections; asking to be recycled");
-                cell.ask_retire();
-            }
+        let cell = self.seat.board.cell(self.seat.slot);
+        let served = cell.served_one();
+        let max = self.config.max_requests_per_worker;
+        if max > 0 && served == max {
+            log::info!("served {served} connections; asking to be recycled");
+            cell.ask_retire();
+        }
+    }
+
+    /// Takes a closed connection out of the per-address count.
+    fn uncount(&self, ip: IpKey) {
+        if self.config.max_connections_per_ip > 0 {
+            self.seat.board.ip_sub(self.seat.slot, ip);
         }
     }
 
@@ -347,6 +429,7 @@ impl<'a> Worker<'a> {
             ),
             _ => log::debug!("connection from {} closed ({why:?})", peer_of(&conn.stream)),
         }
+        self.uncount(conn.ip);
         drop(conn);
         self.free.push(idx);
         self.open -= 1;
