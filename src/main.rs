@@ -139,6 +139,7 @@ fn main() -> ExitCode {
         activated,
         readiness,
         credentials,
+        daemonized: daemonize,
         pidfile,
     };
     match Master::new(setup) {

@@ -101,6 +101,8 @@ pub struct Master {
     /// The listeners came from systemd (socket activation): `listen` in the
     /// config is not applied, at start or at reload.
     activated: bool,
+    /// Whether the process detached at start.
+    daemonized: bool,
     /// Fork mode: live connection children per source address.
     per_ip: HashMap<IpAddr, usize>,
     /// Fork mode: when each refused address was last logged.
@@ -122,6 +124,9 @@ pub struct Setup {
     pub readiness: Readiness,
     /// Resolved `user`/`group`.
     pub credentials: Option<Credentials>,
+    /// Whether the launcher detached (`--daemon` or `daemon = true`): the
+    /// `auto` log target means syslog then.
+    pub daemonized: bool,
     /// The locked pid file, if configured.
     pub pidfile: Option<PidFile>,
 }
@@ -137,6 +142,7 @@ impl Master {
             activated,
             readiness,
             credentials,
+            daemonized,
             pidfile,
         } = setup;
         let sigs: Vec<i32> = MASTER_SIGNALS.iter().map(|s| s.signal).collect();
@@ -165,6 +171,7 @@ impl Master {
             activated,
             per_ip: HashMap::new(),
             refusals_logged: HashMap::new(),
+            daemonized,
         })
     }
 
@@ -355,7 +362,7 @@ impl Master {
         } else {
             None
         };
-        crate::logging::apply(&new.log, self.config.daemon).map_err(|e| e.to_string())?;
+        crate::logging::apply(&new.log, self.daemonized).map_err(|e| e.to_string())?;
         // Commit.
         let mut old = std::mem::take(&mut self.listeners);
         for addr in &new.listen {
@@ -453,6 +460,12 @@ impl Master {
         match crate::logging::reopen() {
             Ok(()) => log::info!("SIGUSR1: log reopened"),
             Err(e) => log::error!("SIGUSR1: {e}"),
+        }
+        // Workers hold their own descriptor of the log file (inherited at
+        // fork): each reopens it too, or it would go on writing to the
+        // rotated file.
+        for c in self.table.iter().filter(|c| c.is_worker()) {
+            signals::send(c.pid, Signal::SIGUSR1);
         }
     }
 

@@ -105,8 +105,9 @@ pub const MASTER_SIGNALS: &[SignalSpec] = &[
 ];
 
 /// The signals a prefork worker listens to. `SIGTERM` means "stop accepting
-/// and drain"; `SIGINT` and `SIGQUIT` mean "close everything and exit now".
-pub const WORKER_SIGNALS: &[i32] = &[SIGTERM, SIGINT, SIGQUIT];
+/// and drain"; `SIGINT` and `SIGQUIT` mean "close everything and exit now";
+/// `SIGUSR1` (relayed by the master) means "reopen the log file".
+pub const WORKER_SIGNALS: &[i32] = &[SIGTERM, SIGINT, SIGQUIT, SIGUSR1];
 
 /// Looks a signal number up in the master's table.
 pub fn spec(signal: i32) -> Option<&'static SignalSpec> {

@@ -52,7 +52,8 @@ const TOKEN_CONN: u64 = 1 << 32;
 /// How long accepting pauses after `EMFILE`/`ENFILE`, so that a listener
 /// that stays readable does not spin the CPU (nginx pauses for 500 ms).
 const ACCEPT_PAUSE_MS: u64 = 100;
-/// Longest sleep in `epoll_wait`: the heartbeat and idle-scan period.
+/// Longest sleep in `epoll_wait`: the heartbeat and idle-scan period
+/// (shorter when `worker_timeout` is short: see [`Worker::tick_ms`]).
 const TICK_MS: u64 = 1000;
 
 /// One client connection.
@@ -178,7 +179,8 @@ impl<'a> Worker<'a> {
 
     fn run(&mut self, signals: &mut SignalPipe) -> i32 {
         let mut events = vec![EpollEvent::empty(); 256];
-        let mut next_scan = self.now + TICK_MS;
+        let tick = self.tick_ms();
+        let mut next_scan = self.now + tick;
         loop {
             self.seat
                 .board
@@ -200,6 +202,10 @@ impl<'a> Worker<'a> {
                         for sig in signals.pending() {
                             if sig == libc::SIGTERM {
                                 self.start_draining();
+                            } else if sig == libc::SIGUSR1 {
+                                if let Err(e) = crate::logging::reopen() {
+                                    log::error!("SIGUSR1: {e}");
+                                }
                             } else {
                                 log::info!(
                                     "{}: closing {} connections and exiting",
@@ -221,12 +227,24 @@ impl<'a> Worker<'a> {
             }
             if self.now >= next_scan {
                 self.close_idle();
-                next_scan = self.now + TICK_MS;
+                next_scan = self.now + tick;
             }
             if self.accepting == Accepting::Closed && self.open == 0 {
                 log::info!("drained; exiting");
                 return exit_code::OK;
             }
+        }
+    }
+
+    /// The heartbeat period: a second, or a third of `worker_timeout` when
+    /// that is shorter, so that an idle but healthy worker always beats
+    /// well within the timeout.
+    fn tick_ms(&self) -> u64 {
+        let timeout = self.config.worker_timeout.as_millis() as u64;
+        if timeout == 0 {
+            TICK_MS
+        } else {
+            (timeout / 3).clamp(10, TICK_MS)
         }
     }
 
