@@ -43,6 +43,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, config: &Config) -> i32 {
         let _ = signal(Signal::SIGINT, SigHandler::SigDfl);
         let _ = signal(Signal::SIGQUIT, SigHandler::SigDfl);
     }
+    crate::process::unblock_signals();
     if let Err(e) = stream.set_nonblocking(false) {
         log::warn!("connection from {peer}: {e}");
         return exit_code::FAILURE;

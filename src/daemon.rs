@@ -70,7 +70,7 @@ pub fn detach() -> std::io::Result<Readiness> {
             let _ = nix::sys::wait::waitpid(child, None);
             std::process::exit(wait_for_report(read));
         }
-        Fork::Child => {}
+        Fork::Child => process::unblock_signals(),
     }
     drop(read);
     // A new session: no controlling terminal, no SIGHUP when the terminal
@@ -80,7 +80,7 @@ pub fn detach() -> std::io::Result<Readiness> {
         // The session leader exits, so the daemon can never reacquire a
         // controlling terminal by opening one.
         Fork::Parent(_) => std::process::exit(0),
-        Fork::Child => {}
+        Fork::Child => process::unblock_signals(),
     }
     nix::unistd::chdir("/")?;
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));

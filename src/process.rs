@@ -7,7 +7,7 @@
 //! saying what each side closes and what copy-on-write shares.
 
 use nix::errno::Errno;
-use nix::sys::signal::Signal;
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
@@ -67,15 +67,41 @@ pub enum Fork {
 /// call [`after_fork_in_child`] first, and must end in `std::process::exit`
 /// (never by returning into the parent's stack, whose destructors would, for
 /// example, remove the master's pid file).
+///
+/// Every signal is blocked across the fork, and stays blocked in the child
+/// until it has installed its own handlers and calls
+/// [`unblock_signals`]: a `SIGTERM` sent to a brand-new worker (a reload
+/// storm retires workers milliseconds old) then waits as pending and reaches
+/// the worker's handler, instead of landing in the gap where the master's
+/// handlers are gone and the worker's are not yet installed (and being
+/// ignored). The parent's mask is restored before this returns.
 pub fn fork() -> nix::Result<Fork> {
     debug_assert_single_threaded();
+    let mut old = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old))?;
     // SAFETY: echod never starts a thread in a process that forks (asserted
     // above in debug builds), so no lock can be held by another thread at
     // the moment of fork, and the child may run any code, not only
     // async-signal-safe functions.
-    match unsafe { nix::unistd::fork() }? {
-        nix::unistd::ForkResult::Parent { child } => Ok(Fork::Parent(child)),
-        nix::unistd::ForkResult::Child => Ok(Fork::Child),
+    let result = unsafe { nix::unistd::fork() };
+    match result {
+        Ok(nix::unistd::ForkResult::Child) => Ok(Fork::Child),
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None)?;
+            Ok(Fork::Parent(child))
+        }
+        Err(e) => {
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None)?;
+            Err(e)
+        }
+    }
+}
+
+/// In a child, once its signal handlers are in place: lets the signals
+/// that [`fork`] blocked (and any that arrived meanwhile) through.
+pub fn unblock_signals() {
+    if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None) {
+        log::error!("sigprocmask: {e}");
     }
 }
 

@@ -139,6 +139,9 @@ pub fn run(listeners: Vec<Listener>, config: &Config, seat: Seat<'_>) -> i32 {
             return exit_code::FAILURE;
         }
     };
+    // Signals were blocked since fork(); what arrived meanwhile (a SIGTERM
+    // from a quick reload) is delivered now, to the handlers just set.
+    crate::process::unblock_signals();
     let mut worker = match Worker::new(listeners, config, seat, &signals) {
         Ok(w) => w,
         Err(e) => {
