@@ -151,8 +151,10 @@ impl Echod {
             exited: None,
         };
         if s.wait_ready {
+            // `ready:` is logged once every worker of the first generation
+            // is in its epoll loop (when systemd would get READY=1).
             let ok = wait_until(Duration::from_secs(10), || {
-                e.log().contains("starting generation")
+                e.log().contains("master: ready: generation")
                     || e.log().contains("--single-process")
                     || e.try_exit().is_some()
             });
@@ -161,8 +163,6 @@ impl Echod {
                 "echod did not start:\n{}",
                 e.log()
             );
-            // Every worker up: as many `echod-worker` children as spawned.
-            let _ = e.wait_workers_up(Duration::from_secs(10));
         }
         e
     }
@@ -485,4 +485,88 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
 /// `extra` top-level keys.
 pub fn config(extra: &str) -> String {
     format!("listen = [\"127.0.0.1:0\"]\n{extra}\n[log]\ntarget = \"stderr\"\nlevel = \"info\"\n")
+}
+
+/// What a short echod run that exits by itself printed, and how it ended.
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The exit code (`None` if killed by a signal).
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// Runs echod with `args` (no config is implied) and waits at most
+/// `timeout` for it to exit by itself; on timeout it is killed by PID and
+/// the call panics. For `--help`, `-t` and the start-up failures.
+pub fn run_echod<S: AsRef<std::ffi::OsStr>>(args: &[S], timeout: Duration) -> Run {
+    let mut child = Command::new(ECHOD)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("JOURNAL_STREAM")
+        .spawn()
+        .expect("spawn echod");
+    let read_all = |r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut r = r;
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().unwrap()));
+    let err = read_all(Box::new(child.stderr.take().unwrap()));
+    let end = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for echod") {
+            break s;
+        }
+        if Instant::now() >= end {
+            // SAFETY: kill(2) on the pid of the child this function started
+            // and has not reaped yet.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGKILL);
+            }
+            let _ = child.wait();
+            panic!(
+                "echod {:?} did not exit within {timeout:?}",
+                args.iter()
+                    .map(|a| a.as_ref().to_owned())
+                    .collect::<Vec<_>>()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Run {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// The TCP sockets each of `pids` holds, from a single reading of
+/// `/proc/net/tcp{,6}`: consistent across the processes, and much cheaper
+/// than one `tcp_sockets_of` per process when the machine holds many
+/// sockets (other tests and benchmarks leave thousands in `TIME_WAIT`).
+pub fn tcp_sockets_of_each(pids: &[i32]) -> std::collections::HashMap<i32, Vec<TcpSocket>> {
+    let all = tcp_sockets();
+    pids.iter()
+        .map(|&p| {
+            let socks = socket_inodes(p)
+                .into_iter()
+                .filter_map(|i| all.get(&i).cloned())
+                .collect();
+            (p, socks)
+        })
+        .collect()
 }

@@ -1,0 +1,266 @@
+//! RFC 862 echo, end to end: every byte a client sends comes back, in
+//! order, nothing more, over IPv4 and IPv6, in both serving modes, under
+//! many concurrent connections; and `--single-process` serves with no
+//! child at all.
+//!
+//! The test process never forks: each connection gets a writer thread and a
+//! reader thread, so a large payload cannot deadlock on full socket buffers.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Concurrent connections per mode.
+const CONNECTIONS: usize = 200;
+/// The largest payload.
+const MAX_PAYLOAD: usize = 8 << 20;
+/// No single read or write may stall longer than this.
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A small deterministic generator (xorshift64*), so failures reproduce
+/// from the seed printed in the message.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() % (hi - lo + 1) as u64) as usize
+    }
+    /// Log-uniform-ish in `1..=max`: small sizes as likely as large ones,
+    /// so both one-byte and 256 KiB chunks occur.
+    fn chunk(&mut self, max: usize) -> usize {
+        let bits = self.range(0, 18);
+        self.range(1, (1usize << bits).min(max).max(1))
+    }
+}
+
+/// Payload sizes for one run: skewed so most are small and the total stays
+/// between 20 and 50 MiB. Always includes 1 byte and exactly 8 MiB.
+fn sizes(seed: u64) -> Vec<usize> {
+    let mut r = Rng::new(seed);
+    let mut v = vec![1, MAX_PAYLOAD];
+    v.extend((0..4).map(|_| r.range(1 << 20, MAX_PAYLOAD)));
+    v.extend((0..8).map(|_| r.range(64 << 10, 1 << 20)));
+    while v.len() < CONNECTIONS {
+        let bits = r.range(0, 16);
+        v.push(r.range(1, 1 << bits));
+    }
+    // Spread the big ones over both address families.
+    let n = v.len();
+    for i in 0..n {
+        let j = r.range(0, n - 1);
+        v.swap(i, j);
+    }
+    v
+}
+
+/// Sends `data` in random chunks, then half-closes.
+fn writer(mut s: TcpStream, data: Arc<Vec<u8>>, seed: u64) -> Result<(), String> {
+    let mut r = Rng::new(seed ^ 0xA5A5);
+    let mut off = 0;
+    while off < data.len() {
+        let n = r.chunk(data.len() - off);
+        s.write_all(&data[off..off + n])
+            .map_err(|e| format!("write at {off} of {}: {e}", data.len()))?;
+        off += n;
+    }
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown(WR): {e}"))
+}
+
+/// Reads in random chunk sizes, comparing as it goes; then expects end of
+/// stream (echod closes after the client's FIN, with nothing extra).
+fn reader(mut s: TcpStream, data: Arc<Vec<u8>>, seed: u64) -> Result<(), String> {
+    let mut r = Rng::new(seed ^ 0x5A5A);
+    let mut buf = vec![0u8; 1 << 18];
+    let mut got = 0;
+    while got < data.len() {
+        let want = r.chunk(buf.len());
+        let n = s
+            .read(&mut buf[..want])
+            .map_err(|e| format!("read after {got} of {} bytes: {e}", data.len()))?;
+        if n == 0 {
+            return Err(format!("end of stream after {got} of {} bytes", data.len()));
+        }
+        if got + n > data.len() {
+            return Err(format!("{} bytes more than sent", got + n - data.len()));
+        }
+        if buf[..n] != data[got..got + n] {
+            let at = (0..n).find(|&i| buf[i] != data[got + i]).unwrap_or(0);
+            return Err(format!("byte {} of {} differs", got + at, data.len()));
+        }
+        got += n;
+    }
+    match s.read(&mut buf) {
+        Ok(0) => Ok(()),
+        Ok(n) => Err(format!("{n} bytes more than sent")),
+        Err(e) => Err(format!("no end of stream after the echo: {e}")),
+    }
+}
+
+/// Opens `CONNECTIONS` connections alternating over `addrs`, then runs
+/// every transfer at once (one writer and one reader thread each); returns
+/// the failures, named by connection, address, size and seed.
+fn echo_everything(addrs: &[SocketAddr], seed: u64) -> Vec<String> {
+    let sizes = sizes(seed);
+    let conns: Vec<(TcpStream, SocketAddr)> = (0..CONNECTIONS)
+        .map(|i| {
+            let a = addrs[i % addrs.len()];
+            let s = connect(a);
+            s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+            (s, a)
+        })
+        .collect();
+    let start = Arc::new(Barrier::new(2 * CONNECTIONS));
+    let mut threads = Vec::new();
+    for (i, (s, a)) in conns.into_iter().enumerate() {
+        let len = sizes[i];
+        let cseed = seed.wrapping_mul(1000).wrapping_add(i as u64);
+        let data = Arc::new(payload(cseed, len));
+        let what = format!("connection {i} via {a} ({len} bytes, seed {cseed})");
+        let r = s.try_clone().expect("clone stream");
+        for (half, s) in [("writer", s), ("reader", r)] {
+            let (start, data, what) = (Arc::clone(&start), Arc::clone(&data), what.clone());
+            let t = std::thread::Builder::new()
+                .stack_size(128 << 10)
+                .spawn(move || {
+                    start.wait();
+                    let res = if half == "writer" {
+                        writer(s, data, cseed)
+                    } else {
+                        reader(s, data, cseed)
+                    };
+                    res.map_err(|e| format!("{what}, {half}: {e}"))
+                })
+                .expect("spawn thread");
+            threads.push(t);
+        }
+    }
+    threads
+        .into_iter()
+        .filter_map(|t| match t.join() {
+            Ok(r) => r.err(),
+            Err(_) => Some("a client thread panicked".to_string()),
+        })
+        .collect()
+}
+
+/// Runs the whole echo check against a daemon started with `extra` config.
+fn echo_is_byte_exact(mode: &str, extra: &str, seed: u64) {
+    let e = Echod::start(&format!(
+        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]\n{extra}\n[log]\ntarget = \"stderr\"\nlevel = \"info\"\n"
+    ));
+    let addrs = e.addrs();
+    assert_eq!(addrs.len(), 2, "two listeners expected:\n{}", e.log());
+    assert!(addrs[0].is_ipv4() && addrs[1].is_ipv6(), "{addrs:?}");
+    let total: usize = sizes(seed).iter().sum();
+    let t0 = Instant::now();
+    let failures = echo_everything(&addrs, seed);
+    let took = t0.elapsed();
+    assert!(
+        failures.is_empty(),
+        "{mode}: {} of {CONNECTIONS} connections failed (after {took:?}):\n{}\n--- echod log ---\n{}",
+        failures.len(),
+        failures.join("\n"),
+        e.log()
+    );
+    eprintln!("{mode}: {CONNECTIONS} connections, {total} bytes, echoed in {took:?}");
+    // Every connection is closed now: fork mode's children exit; prefork's
+    // pool is intact (no worker crashed on the way).
+    if mode == "fork" {
+        assert!(
+            wait_until(Duration::from_secs(10), || e.children().is_empty()),
+            "connection children left: {:?}",
+            e.children()
+        );
+    } else {
+        assert_eq!(
+            e.count_log("): spawned"),
+            2,
+            "a worker was respawned:\n{}",
+            e.log()
+        );
+        assert_eq!(e.workers().len(), 2);
+    }
+    assert!(
+        e.error_lines().is_empty(),
+        "errors in the log:\n{}",
+        e.log()
+    );
+}
+
+/// `prefork_echo_is_byte_exact`: in prefork mode, 200 concurrent
+/// connections over IPv4 and IPv6, payloads from 1 byte to 8 MiB sent and
+/// read in random chunk sizes, each get back exactly what they sent, then
+/// end of stream.
+#[test]
+fn prefork_echo_is_byte_exact() {
+    echo_is_byte_exact("prefork", "mode = \"prefork\"\nworkers = 2", 1);
+}
+
+/// `fork_echo_is_byte_exact`: the same in fork mode, one child per
+/// connection (200 live children at once).
+#[test]
+fn fork_echo_is_byte_exact() {
+    echo_is_byte_exact("fork", "mode = \"fork\"\nmax_connections = 1024", 2);
+}
+
+/// `single_process_serves_without_children`: `--single-process` echoes on
+/// both address families from the one foreground process, which forks no
+/// child at any point.
+#[test]
+fn single_process_serves_without_children() {
+    let e = Start::config(
+        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]\n[log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
+    )
+    .arg("--single-process")
+    .spawn();
+    assert!(
+        e.wait_log("--single-process", Duration::from_secs(5)),
+        "{}",
+        e.log()
+    );
+    assert!(e.children().is_empty(), "children: {:?}", e.children());
+    let addrs = e.addrs();
+    assert_eq!(addrs.len(), 2, "{}", e.log());
+    // Several connections at once, one of them large, so the one process
+    // really multiplexes them.
+    let mut held: Vec<TcpStream> = addrs.iter().cycle().take(6).map(|&a| connect(a)).collect();
+    for (i, s) in held.iter_mut().enumerate() {
+        let p = payload(100 + i as u64, if i == 0 { 1 << 20 } else { 1000 + i });
+        assert!(
+            roundtrip(s, &p).expect("echo") == p,
+            "connection {i} echo differs"
+        );
+        assert!(e.children().is_empty(), "children: {:?}", e.children());
+    }
+    for &a in &addrs {
+        echo_once(a, b"single process\r\n");
+    }
+    assert!(e.children().is_empty(), "children: {:?}", e.children());
+    assert!(
+        !e.log().contains("starting generation"),
+        "a master started:\n{}",
+        e.log()
+    );
+    assert!(
+        e.error_lines().is_empty(),
+        "errors in the log:\n{}",
+        e.log()
+    );
+}

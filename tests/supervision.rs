@@ -1,0 +1,559 @@
+//! The process tree under supervision, checked from `/proc`: the pool size
+//! and the respawn of a killed worker, the fork-mode cap on live children,
+//! nothing left behind when the master is killed, and who holds which
+//! descriptor after each fork (close-after-fork verified, not assumed).
+//!
+//! Connections are attributed to processes through their socket inodes:
+//! `/proc/PID/fd` gives a process's `socket:[INODE]`s and `/proc/net/tcp{,6}`
+//! gives each inode's state and ports.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn config_both(extra: &str) -> String {
+    format!(
+        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]\n{extra}\n[log]\ntarget = \"stderr\"\nlevel = \"info\"\n"
+    )
+}
+
+fn ports(addrs: &[SocketAddr]) -> Vec<u16> {
+    addrs.iter().map(|a| a.port()).collect()
+}
+
+/// Opens `n` connections at once (one thread each, released together), so
+/// that several prefork workers are woken while others are busy accepting,
+/// and echoes once on each: when this returns, every one is accepted and
+/// held by the process serving it.
+fn open_burst(addrs: &[SocketAddr], n: usize, seed: u64) -> Vec<TcpStream> {
+    let go = Arc::new(Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let a = addrs[i % addrs.len()];
+            let go = Arc::clone(&go);
+            std::thread::spawn(move || {
+                go.wait();
+                let mut s = connect(a);
+                let p = payload(seed * 1000 + i as u64, 100 + i);
+                let back = roundtrip(&mut s, &p).unwrap_or_else(|e| panic!("echo via {a}: {e}"));
+                assert!(back == p, "echo via {a} differs");
+                s
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join().expect("client thread"))
+        .collect()
+}
+
+/// Which process holds each client connection, by the client's port: every
+/// established socket on a server port held by one of `pids`.
+fn holders(pids: &[i32], server_ports: &[u16]) -> HashMap<u16, Vec<i32>> {
+    let mut out: HashMap<u16, Vec<i32>> = HashMap::new();
+    for (p, socks) in tcp_sockets_of_each(pids) {
+        for s in socks {
+            if s.state == "01" && server_ports.contains(&s.local_port) {
+                out.entry(s.remote_port).or_default().push(p);
+            }
+        }
+    }
+    out
+}
+
+fn client_port(s: &TcpStream) -> u16 {
+    s.local_addr().unwrap().port()
+}
+
+/// Asserts the connection was closed by the server side: end of stream or
+/// a reset, within `limit` (a timeout means some process still holds it).
+fn assert_closed_by_server(s: &mut TcpStream, limit: Duration, what: &str) {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut b = [0u8; 16];
+    match s.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("{what}: expected end of stream or reset, got {other:?}"),
+    }
+}
+
+/// Whether `pid` is still an echod process (guards against pid reuse).
+fn echod_alive(pid: i32) -> bool {
+    alive(pid) && comm(pid).is_some_and(|c| c.starts_with("echod"))
+}
+
+/// `prefork_pool_is_exactly_workers_and_a_killed_worker_is_replaced`: the
+/// master has exactly `workers` children, all `echod-worker`; a worker
+/// killed with SIGKILL is replaced within a second (a new pid, the count
+/// back to `workers`); its own connections are closed; the connections held
+/// by the surviving workers keep echoing; new connections are served.
+#[test]
+fn prefork_pool_is_exactly_workers_and_a_killed_worker_is_replaced() {
+    const WORKERS: usize = 3;
+    let e = Echod::start(&config_both(&format!("workers = {WORKERS}")));
+    let addrs = e.addrs();
+    let server_ports = ports(&addrs);
+    assert!(
+        wait_until(Duration::from_secs(5), || e.workers().len() == WORKERS),
+        "workers: {:?}\n{}",
+        e.workers(),
+        e.log()
+    );
+    // Exactly `workers`, and no other child, and it stays so.
+    for _ in 0..10 {
+        let kids = e.children();
+        assert_eq!(kids.len(), WORKERS, "children {kids:?}");
+        for &k in &kids {
+            assert_eq!(comm(k).as_deref(), Some("echod-worker"), "child {k}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = e.workers();
+
+    // Open connections until at least two workers hold some, so that
+    // killing one leaves survivors with connections to check.
+    let mut conns: Vec<TcpStream> = Vec::new();
+    let mut held = HashMap::new();
+    for round in 0..20 {
+        conns.extend(open_burst(&addrs, 8, round));
+        held = holders(&before, &server_ports);
+        let distinct: HashSet<i32> = held.values().flatten().copied().collect();
+        if distinct.len() >= 2 {
+            break;
+        }
+    }
+    for s in &conns {
+        let h = held.get(&client_port(s)).cloned().unwrap_or_default();
+        assert_eq!(h.len(), 1, "connection {:?} held by {h:?}", s.local_addr());
+    }
+    let mut per_worker: HashMap<i32, usize> = HashMap::new();
+    for h in held.values() {
+        *per_worker.entry(h[0]).or_default() += 1;
+    }
+    assert!(
+        per_worker.len() >= 2,
+        "after {} connections only {per_worker:?} hold any: cannot check survivors",
+        conns.len()
+    );
+    let victim = *per_worker.keys().next().unwrap();
+
+    let t0 = Instant::now();
+    // SAFETY: kill(2) on a worker of the echod this test started.
+    unsafe {
+        libc::kill(victim, libc::SIGKILL);
+    }
+    let replaced = wait_until(Duration::from_secs(1), || {
+        let w = e.workers();
+        !echod_alive(victim)
+            && w.len() == WORKERS
+            && !w.contains(&victim)
+            && w.iter().filter(|p| !before.contains(p)).count() == 1
+    });
+    let took = t0.elapsed();
+    assert!(
+        replaced,
+        "no replacement within 1 s: workers {:?} (before {before:?}, killed {victim})\n{}",
+        e.workers(),
+        e.log()
+    );
+    let after = e.workers();
+    let fresh = *after.iter().find(|p| !before.contains(p)).unwrap();
+    // `...: killed by SIGKILL; respawning`, or, for a worker younger than
+    // a second, `...: killed by SIGKILL 650ms after start; respawning in
+    // 100ms (crash-loop guard)`.
+    let killed_line = format!("(pid {victim}, gen 1): killed by SIGKILL");
+    assert!(
+        wait_until(Duration::from_secs(2), || e
+            .log()
+            .lines()
+            .any(|l| l.contains(&killed_line) && l.contains("; respawning"))),
+        "no '{killed_line} ... respawning' line:\n{}",
+        e.log()
+    );
+    assert!(
+        e.wait_log(
+            &format!("(pid {fresh}, gen 1): spawned"),
+            Duration::from_secs(2)
+        ),
+        "{}",
+        e.log()
+    );
+    assert!(e.wait_workers_up(Duration::from_secs(5)));
+    eprintln!("worker {victim} replaced by {fresh} in {took:?}");
+
+    for (i, s) in conns.iter_mut().enumerate() {
+        let port = client_port(s);
+        if held[&port][0] == victim {
+            assert_closed_by_server(
+                s,
+                Duration::from_secs(3),
+                &format!("killed worker's connection {port}"),
+            );
+        } else {
+            let p = payload(7000 + i as u64, 5000);
+            let back = roundtrip(s, &p).unwrap_or_else(|err| {
+                panic!(
+                    "surviving connection {port} (worker {}): {err}",
+                    held[&port][0]
+                )
+            });
+            assert!(back == p, "surviving connection {port} echo differs");
+        }
+    }
+    for (i, &a) in addrs.iter().cycle().take(6).enumerate() {
+        echo_once(a, &payload(9000 + i as u64, 3000));
+    }
+    assert_eq!(e.workers().len(), WORKERS);
+    assert_eq!(e.children().len(), WORKERS);
+    assert!(
+        e.error_lines().is_empty(),
+        "errors in the log:\n{}",
+        e.log()
+    );
+}
+
+/// `fork_mode_caps_live_children_at_max_connections`: with
+/// `max_connections = 4` and 10 clients arriving at once, each holding its
+/// connection a while, every client is served, and the master never has
+/// more than 4 children at once (it leaves the rest in the backlog).
+#[test]
+fn fork_mode_caps_live_children_at_max_connections() {
+    const CAP: usize = 4;
+    const CLIENTS: usize = 10;
+    let e = Echod::start(&config(&format!(
+        "mode = \"fork\"\nmax_connections = {CAP}"
+    )));
+    let addr = e.addr();
+    let master = e.pid;
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_children = Arc::new(AtomicUsize::new(0));
+    let max_conn = Arc::new(AtomicUsize::new(0));
+    let samples = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (stop, max_children, max_conn, samples) = (
+            stop.clone(),
+            max_children.clone(),
+            max_conn.clone(),
+            samples.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                // Every child counts, zombies and just-forked ones too: the
+                // master counts a child until it has reaped it.
+                let kids = children_of(master);
+                let conn = kids
+                    .iter()
+                    .filter(|&&k| comm(k).as_deref() == Some("echod-conn"))
+                    .count();
+                max_children.fetch_max(kids.len(), Ordering::Relaxed);
+                max_conn.fetch_max(conn, Ordering::Relaxed);
+                samples.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let go = Arc::new(Barrier::new(CLIENTS));
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let go = go.clone();
+            std::thread::spawn(move || -> Result<Duration, String> {
+                go.wait();
+                let t = Instant::now();
+                let mut s = connect(addr);
+                let p = payload(i as u64, 2000 + i);
+                let back = roundtrip(&mut s, &p).map_err(|e| format!("client {i}: {e}"))?;
+                if back != p {
+                    return Err(format!("client {i}: echo differs"));
+                }
+                let served_after = t.elapsed();
+                std::thread::sleep(Duration::from_millis(250));
+                // Still served after holding.
+                let back = roundtrip(&mut s, b"again").map_err(|e| format!("client {i}: {e}"))?;
+                if back != b"again" {
+                    return Err(format!("client {i}: second echo differs"));
+                }
+                Ok(served_after)
+            })
+        })
+        .collect();
+    let results: Vec<_> = clients
+        .into_iter()
+        .map(|t| t.join().expect("client thread"))
+        .collect();
+    let took = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "clients failed: {failed:?}\n{}", e.log());
+    let (max_children, max_conn) = (
+        max_children.load(Ordering::Relaxed),
+        max_conn.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "10 clients served in {took:?}; at most {max_children} children ({max_conn} echod-conn) over {} samples",
+        samples.load(Ordering::Relaxed)
+    );
+    assert!(
+        max_children <= CAP,
+        "{max_children} children at once, cap {CAP}\n{}",
+        e.log()
+    );
+    // The cap was reached (so the sampling saw the children at all), and
+    // some clients waited for a slot: the last to be served waited at
+    // least one hold period.
+    assert_eq!(max_conn, CAP, "the cap was never reached");
+    let slowest = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .max()
+        .unwrap();
+    assert!(
+        *slowest >= Duration::from_millis(200),
+        "no client waited: {slowest:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || e.children().is_empty()),
+        "children left: {:?}",
+        e.children()
+    );
+    assert!(
+        e.error_lines().is_empty(),
+        "errors in the log:\n{}",
+        e.log()
+    );
+}
+
+/// Kills the master with SIGKILL and checks that within 2 s none of
+/// `pids` is left, the held connections are closed, and the ports are free.
+fn assert_nothing_survives_master(mut e: Echod, pids: Vec<i32>, mut conns: Vec<TcpStream>) {
+    let addrs = e.addrs();
+    let t0 = Instant::now();
+    e.signal(libc::SIGKILL);
+    let gone = wait_until(Duration::from_secs(2), || {
+        pids.iter().all(|&p| !echod_alive(p))
+    });
+    let left: Vec<(i32, Option<String>)> = pids
+        .iter()
+        .filter(|&&p| echod_alive(p))
+        .map(|&p| (p, comm(p)))
+        .collect();
+    if !gone {
+        // Do not leak them past the test: the harness finds descendants
+        // through the master, which is gone.
+        for &(p, _) in &left {
+            // SAFETY: kill(2) on a child of the echod this test started,
+            // checked above to still be an echod process.
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
+        }
+        panic!("left after 2 s: {left:?}\n{}", e.log());
+    }
+    eprintln!(
+        "{} children gone {:?} after the master's SIGKILL",
+        pids.len(),
+        t0.elapsed()
+    );
+    assert!(
+        e.wait_exit(Duration::from_secs(1)).is_some(),
+        "master not reaped"
+    );
+    for (i, s) in conns.iter_mut().enumerate() {
+        assert_closed_by_server(s, Duration::from_secs(1), &format!("connection {i}"));
+    }
+    // No process holds a listener any more.
+    for a in addrs {
+        TcpListener::bind(a)
+            .unwrap_or_else(|err| panic!("{a} still bound after the master died: {err}"));
+    }
+    assert!(
+        e.error_lines().is_empty(),
+        "errors in the log:\n{}",
+        e.log()
+    );
+}
+
+/// `sigkill_to_master_leaves_no_prefork_worker`: SIGKILL to the master of a
+/// prefork pool (workers holding connections) leaves no echod process
+/// behind within 2 seconds (PR_SET_PDEATHSIG).
+#[test]
+fn sigkill_to_master_leaves_no_prefork_worker() {
+    let e = Echod::start(&config_both("workers = 3"));
+    assert!(
+        wait_until(Duration::from_secs(5), || e.workers().len() == 3),
+        "{}",
+        e.log()
+    );
+    let conns = open_burst(&e.addrs(), 6, 1);
+    let pids = descendants(e.pid);
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    assert_nothing_survives_master(e, pids, conns);
+}
+
+/// `sigkill_to_master_leaves_no_connection_child`: the same in fork mode,
+/// with live connection children.
+#[test]
+fn sigkill_to_master_leaves_no_connection_child() {
+    let e = Echod::start(&config_both("mode = \"fork\""));
+    let conns = open_burst(&e.addrs(), 4, 2);
+    assert!(
+        wait_until(Duration::from_secs(5), || e.children().len() == 4),
+        "children {:?}",
+        e.children()
+    );
+    let pids = descendants(e.pid);
+    assert!(
+        pids.iter()
+            .all(|&p| comm(p).as_deref() == Some("echod-conn")),
+        "{pids:?}"
+    );
+    assert_nothing_survives_master(e, pids, conns);
+}
+
+/// `fork_mode_child_holds_only_its_own_connection`: close-after-fork,
+/// verified in `/proc`. Each connection child holds exactly one socket of
+/// any kind: its own connection, established, to its client's port (not
+/// a listener, not the master's signal pipe, not another client). The
+/// master holds no client connection: its only TCP sockets are the
+/// listeners.
+#[test]
+fn fork_mode_child_holds_only_its_own_connection() {
+    let e = Echod::start(&config_both("mode = \"fork\""));
+    let addrs = e.addrs();
+    let server_ports = ports(&addrs);
+    let conns = open_burst(&addrs, 5, 3);
+    let mut clients: Vec<u16> = conns.iter().map(client_port).collect();
+    clients.sort_unstable();
+    assert!(
+        wait_until(Duration::from_secs(5), || e.children().len() == conns.len()),
+        "children {:?}",
+        e.children()
+    );
+    let kids = e.children();
+    let mut all = kids.clone();
+    all.push(e.pid);
+    let mut tcp_of = tcp_sockets_of_each(&all);
+    let mut served = Vec::new();
+    for &k in &kids {
+        assert_eq!(comm(k).as_deref(), Some("echod-conn"), "child {k}");
+        let tcp = tcp_of.remove(&k).unwrap_or_default();
+        assert_eq!(
+            tcp.len(),
+            1,
+            "child {k} holds TCP sockets {tcp:?}; fds {:?}",
+            fd_targets(k)
+        );
+        let s = &tcp[0];
+        assert_eq!(
+            s.state, "01",
+            "child {k}'s socket is not established: {s:?}"
+        );
+        assert!(server_ports.contains(&s.local_port), "child {k}: {s:?}");
+        assert!(
+            clients.contains(&s.remote_port),
+            "child {k} serves no client of ours: {s:?}"
+        );
+        let sockets = socket_inodes(k);
+        assert_eq!(
+            sockets,
+            vec![s.inode],
+            "child {k} holds other sockets; fds {:?}",
+            fd_targets(k)
+        );
+        served.push(s.remote_port);
+    }
+    served.sort_unstable();
+    assert_eq!(served, clients, "each client served by exactly one child");
+
+    let master = tcp_of.remove(&e.pid).unwrap_or_default();
+    assert!(
+        master.iter().all(TcpSocket::listening),
+        "the master holds a non-listening TCP socket: {master:?}"
+    );
+    let mut listen_ports: Vec<u16> = master.iter().map(|s| s.local_port).collect();
+    listen_ports.sort_unstable();
+    let mut want = server_ports.clone();
+    want.sort_unstable();
+    assert_eq!(listen_ports, want, "the master's listeners");
+    drop(conns);
+    assert!(wait_until(Duration::from_secs(5), || e
+        .children()
+        .is_empty()));
+    assert!(
+        e.error_lines().is_empty(),
+        "errors in the log:\n{}",
+        e.log()
+    );
+}
+
+/// `prefork_worker_holds_no_other_workers_descriptors`: every descriptor of
+/// a prefork worker, except `anon_inode:*` (its own epoll), is either also
+/// held by the master (listeners, stdio) or by no other worker; each client
+/// connection is held by exactly one process; the master holds only
+/// listening TCP sockets.
+#[test]
+fn prefork_worker_holds_no_other_workers_descriptors() {
+    const WORKERS: usize = 3;
+    let e = Echod::start(&config_both(&format!("workers = {WORKERS}")));
+    let addrs = e.addrs();
+    let server_ports = ports(&addrs);
+    assert!(wait_until(Duration::from_secs(5), || e.workers().len() == WORKERS));
+    let workers = e.workers();
+    let mut conns = Vec::new();
+    for round in 0..10 {
+        conns.extend(open_burst(&addrs, 8, 10 + round));
+        let held = holders(&workers, &server_ports);
+        let distinct: HashSet<i32> = held.values().flatten().copied().collect();
+        if distinct.len() >= 2 {
+            break;
+        }
+    }
+    let master_fds: HashSet<String> = fd_targets(e.pid).into_iter().collect();
+    let fds: HashMap<i32, Vec<String>> = workers.iter().map(|&w| (w, fd_targets(w))).collect();
+    for (&w, targets) in &fds {
+        assert!(!targets.is_empty(), "cannot read worker {w}'s fds");
+        for t in targets {
+            if t.starts_with("anon_inode:") || master_fds.contains(t) {
+                continue;
+            }
+            let others: Vec<i32> = fds
+                .iter()
+                .filter(|(&o, ts)| o != w && ts.contains(t))
+                .map(|(&o, _)| o)
+                .collect();
+            assert!(
+                others.is_empty(),
+                "worker {w}'s {t} is also held by workers {others:?}"
+            );
+        }
+    }
+    let mut all = workers.clone();
+    all.push(e.pid);
+    let held = holders(&all, &server_ports);
+    for s in &conns {
+        let h = held.get(&client_port(s)).cloned().unwrap_or_default();
+        assert_eq!(h.len(), 1, "connection {:?} held by {h:?}", s.local_addr());
+        assert_ne!(h[0], e.pid, "the master holds a client connection");
+    }
+    let master = tcp_sockets_of(e.pid);
+    assert!(
+        master.iter().all(TcpSocket::listening),
+        "the master holds a non-listening TCP socket: {master:?}"
+    );
+    assert_eq!(master.len(), addrs.len(), "{master:?}");
+    let distinct: HashSet<i32> = held.values().flatten().copied().collect();
+    eprintln!("{} connections over workers {distinct:?}", conns.len());
+    assert!(
+        e.error_lines().is_empty(),
+        "errors in the log:\n{}",
+        e.log()
+    );
+}
