@@ -128,6 +128,7 @@ fn main() -> ExitCode {
         let seat = worker::Seat {
             board: &board,
             slot,
+            master: None,
         };
         let code = worker::run(listeners, &config, seat);
         return ExitCode::from(code as u8);

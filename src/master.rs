@@ -33,7 +33,7 @@ use crate::process::Credentials;
 use crate::process::{self, exit_code, Exit, Fork};
 use crate::scoreboard::{now_ms, Scoreboard};
 use crate::signals::{self, Action, SignalPipe, MASTER_SIGNALS};
-use crate::workers::{Backoff, Child, Phase, Role, WorkerTable};
+use crate::workers::{Backoff, Child, Kill, Phase, Role, WorkerTable};
 
 /// The master's lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,7 +296,8 @@ impl Master {
             return;
         };
         match spec.action {
-            Action::Reap => {} // reap_children runs every turn
+            // Both run every turn of the loop: the signal only wakes it.
+            Action::Reap | Action::Recycle => {}
             Action::Reload => self.handle_reload(),
             Action::GracefulStop => self.handle_graceful_stop(),
             Action::FastStop => self.handle_fast_stop(spec.name),
@@ -400,17 +401,20 @@ impl Master {
             },
             self.generation - 1
         );
+        // The master's copies of removed listeners close before the new
+        // generation is forked: fork() copies every descriptor, and the new
+        // workers would hold these sockets (still listening, queueing
+        // connections nobody accepts) for their whole life. The old workers
+        // close theirs when they drain, and the port is free.
+        for l in old {
+            log::info!("no longer listening on {}", l.local);
+        }
         // The new generation first, then the old one stops accepting: the
         // shared listeners keep queueing connections meanwhile.
         self.manage_workers();
         let deadline = Instant::now() + self.config.shutdown_timeout;
         for pid in self.table.retire_older(self.generation, deadline) {
             signals::send(pid, Signal::SIGTERM);
-        }
-        // The master's copies of removed listeners close now; the old
-        // workers close theirs when they drain, and the port is free.
-        for l in old {
-            log::info!("no longer listening on {}", l.local);
         }
         Ok(())
     }
@@ -571,6 +575,7 @@ impl Master {
                 let seat = crate::worker::Seat {
                     board: &self.board,
                     slot,
+                    master: Some(self.pid),
                 };
                 let code = crate::worker::run(listeners, &self.config, seat);
                 std::process::exit(code);
@@ -726,8 +731,13 @@ impl Master {
 
     fn log_exit(&mut self, child: &Child, exit: Exit) {
         let lived = child.spawned.elapsed();
-        let expected = !matches!(child.phase, Phase::Serving | Phase::Recycling)
-            || self.state != State::Running;
+        // A worker killed for a missed heartbeat is a failure to report and
+        // replace; one that drained, or was killed at its drain deadline or
+        // by a stop, ended as told.
+        let expected = !matches!(
+            child.phase,
+            Phase::Serving | Phase::Recycling | Phase::Killed(Kill::Heartbeat)
+        ) || self.state != State::Running;
         if !child.is_worker() {
             match (exit.is_clean(), expected) {
                 (true, _) => log::debug!("{child}: {exit}"),
@@ -746,20 +756,24 @@ impl Master {
         }
         if expected {
             let why = match child.phase {
-                Phase::Killed => "after its drain deadline",
-                _ => "after draining",
+                Phase::Killed(kill) => kill.describe(),
+                _ => " after draining",
             };
-            log::info!("{child}: {exit} {why}");
+            log::info!("{child}: {exit}{why}");
             return;
         }
         let respawn = child.generation == self.generation;
+        let why = match child.phase {
+            Phase::Killed(kill) => kill.describe(),
+            _ => "",
+        };
         match self.backoff.record_failure(lived, Instant::now()) {
             Some(delay) if respawn => log::warn!(
-                "{child}: {exit} {:.1?} after start; respawning in {delay:?} (crash-loop guard)",
+                "{child}: {exit}{why} {:.1?} after start; respawning in {delay:?} (crash-loop guard)",
                 lived
             ),
-            _ if respawn => log::warn!("{child}: {exit}; respawning"),
-            _ => log::warn!("{child}: {exit}"),
+            _ if respawn => log::warn!("{child}: {exit}{why}; respawning"),
+            _ => log::warn!("{child}: {exit}{why}"),
         }
     }
 
@@ -780,7 +794,7 @@ impl Master {
         let mut late = Vec::new();
         for c in self.table.iter() {
             let Some(slot) = c.slot() else { continue };
-            if c.phase == Phase::Killed {
+            if matches!(c.phase, Phase::Killed(_)) {
                 continue;
             }
             let beat = self.board.heartbeat(slot);
@@ -798,7 +812,7 @@ impl Master {
                 log::warn!(
                     "{c}: no heartbeat for {silent} ms (worker_timeout {timeout} ms); killing it"
                 );
-                c.phase = Phase::Killed;
+                c.phase = Phase::Killed(Kill::Heartbeat);
             }
             signals::send(pid, Signal::SIGKILL);
         }

@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
 use signal_hook::consts::signal::{
-    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1,
+    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
 };
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
@@ -37,6 +37,9 @@ pub enum Action {
     AddWorker,
     /// One worker fewer (prefork), never below one.
     RemoveWorker,
+    /// A worker reached `max_requests_per_worker`: look at recycling now
+    /// rather than at the next tick.
+    Recycle,
 }
 
 /// One row of the signal table.
@@ -95,6 +98,12 @@ pub const MASTER_SIGNALS: &[SignalSpec] = &[
         name: "SIGUSR1",
         action: Action::ReopenLogs,
         help: "reopen the log file (for logrotate)",
+    },
+    SignalSpec {
+        signal: SIGUSR2,
+        name: "SIGUSR2",
+        action: Action::Recycle,
+        help: "sent by a worker that reached max_requests_per_worker: recycle it now (harmless from elsewhere)",
     },
     SignalSpec {
         signal: SIGCHLD,

@@ -77,6 +77,9 @@ pub struct Seat<'a> {
     pub board: &'a Scoreboard,
     /// This worker's slot in it.
     pub slot: usize,
+    /// The master to wake when recycling is due (`None` with
+    /// `--single-process`, where there is no master and no recycling).
+    pub master: Option<nix::unistd::Pid>,
 }
 
 /// The socket as the echo state machine sees it.
@@ -380,9 +383,11 @@ impl<'a> Worker<'a> {
         let cell = self.seat.board.cell(self.seat.slot);
         let served = cell.served_one();
         let max = self.config.max_requests_per_worker;
-        if max > 0 && served == max {
+        if let (true, Some(master)) = (max > 0 && served == max, self.seat.master) {
             log::info!("served {served} connections; asking to be recycled");
             cell.ask_retire();
+            // Wake the master now rather than at its next tick.
+            crate::signals::send(master, nix::sys::signal::Signal::SIGUSR2);
         }
     }
 

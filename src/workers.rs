@@ -31,8 +31,30 @@ pub enum Phase {
     Recycling,
     /// Told to drain (`SIGTERM`); killed at `deadline` if still alive.
     Retiring { deadline: Instant },
-    /// Sent `SIGKILL`; waiting to be reaped.
-    Killed,
+    /// Sent `SIGKILL`, for this reason; waiting to be reaped.
+    Killed(Kill),
+}
+
+/// Why the master killed a child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kill {
+    /// Still running at its drain deadline (`shutdown_timeout`).
+    Deadline,
+    /// No heartbeat for `worker_timeout`.
+    Heartbeat,
+    /// A fast stop (`SIGINT`, `SIGQUIT`, a second `SIGTERM`).
+    FastStop,
+}
+
+impl Kill {
+    /// The reason, as a log line says it (with a leading space).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kill::Deadline => " at its drain deadline",
+            Kill::Heartbeat => " for a missed heartbeat",
+            Kill::FastStop => " by a fast stop",
+        }
+    }
 }
 
 /// One child of the master.
@@ -168,7 +190,7 @@ impl WorkerTable {
         // keeps its id until it exits, so its replacement takes a new one).
         let used: Vec<usize> = self
             .iter()
-            .filter(|c| c.generation == generation && c.phase != Phase::Killed)
+            .filter(|c| c.generation == generation && !matches!(c.phase, Phase::Killed(_)))
             .filter_map(|c| match c.role {
                 Role::Worker { id, .. } => Some(id),
                 Role::Conn { .. } => None,
@@ -214,7 +236,7 @@ impl WorkerTable {
         for c in self.children.values_mut() {
             if let Phase::Retiring { deadline } = c.phase {
                 if now >= deadline {
-                    c.phase = Phase::Killed;
+                    c.phase = Phase::Killed(Kill::Deadline);
                     out.push(c.pid);
                 }
             }
@@ -227,8 +249,8 @@ impl WorkerTable {
     pub fn kill_all(&mut self) -> Vec<Pid> {
         let mut out = Vec::new();
         for c in self.children.values_mut() {
-            if c.phase != Phase::Killed {
-                c.phase = Phase::Killed;
+            if !matches!(c.phase, Phase::Killed(_)) {
+                c.phase = Phase::Killed(Kill::FastStop);
                 out.push(c.pid);
             }
         }

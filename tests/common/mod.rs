@@ -187,8 +187,8 @@ impl Echod {
     pub fn addrs(&self) -> Vec<SocketAddr> {
         self.log()
             .lines()
+            .filter(|l| !l.contains("no longer listening on"))
             .filter_map(|l| l.split("listening on ").nth(1))
-            .filter(|_| true)
             .filter_map(|a| a.trim().parse().ok())
             .collect()
     }
