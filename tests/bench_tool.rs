@@ -1,0 +1,341 @@
+//! Runs the real `echod-bench` binary, briefly in every mode, against a tiny
+//! echo server inside the test process (std threads on 127.0.0.1:0), and
+//! against servers that corrupt, refuse or close.
+//!
+//! Every child is bounded: it is killed by PID when it outlives its limit.
+//! The in-process servers serve each connection with a thread whose reads
+//! time out, so nothing here waits forever.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// What the test server does to the bytes it echoes.
+#[derive(Clone, Copy)]
+enum Fault {
+    None,
+    /// Flips the lowest bit of the byte at this offset of every connection.
+    FlipByteAt(u64),
+    /// Closes each connection after echoing this many bytes.
+    CloseAfter(u64),
+}
+
+fn serve(mut sock: TcpStream, fault: Fault) {
+    let _ = sock.set_nodelay(true);
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(20)));
+    let mut buf = [0u8; 16384];
+    let mut offset = 0u64;
+    loop {
+        let n = match sock.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        match fault {
+            Fault::None => {}
+            Fault::FlipByteAt(at) => {
+                if (offset..offset + n as u64).contains(&at) {
+                    chunk[(at - offset) as usize] ^= 1;
+                }
+            }
+            Fault::CloseAfter(limit) => {
+                if offset + n as u64 > limit {
+                    let keep = (limit - offset) as usize;
+                    let _ = sock.write_all(&chunk[..keep]);
+                    return;
+                }
+            }
+        }
+        offset += n as u64;
+        if sock.write_all(chunk).is_err() {
+            return;
+        }
+    }
+}
+
+/// Starts an echo server with a thread per connection; it lives as long as
+/// the test process.
+fn echo_server(fault: Fault) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local_addr");
+    thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            thread::spawn(move || serve(sock, fault));
+        }
+    });
+    addr
+}
+
+/// Runs echod-bench with `args`, killing it by PID past `limit`.
+fn bench(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_echod-bench"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn echod-bench");
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            // Child::kill sends SIGKILL to this child's PID only.
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait");
+            panic!(
+                "echod-bench {args:?} outlived {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("wait_with_output")
+}
+
+/// The raw text of a top-level field of the flat JSON object.
+fn field<'a>(json: &'a str, key: &str) -> &'a str {
+    let pat = format!("\"{key}\":");
+    let start = json
+        .find(&pat)
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
+        + pat.len();
+    let rest = &json[start..];
+    if let Some(s) = rest.strip_prefix('"') {
+        let end = s.find('"').unwrap_or(s.len());
+        return &s[..end];
+    }
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    &rest[..end]
+}
+
+fn num(json: &str, key: &str) -> f64 {
+    field(json, key)
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} is not a number in {json}"))
+}
+
+/// Runs a mode that must succeed and returns its JSON.
+fn run_ok(args: &[&str]) -> String {
+    let out = bench(args, Duration::from_secs(20));
+    let json = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success(),
+        "echod-bench {args:?} failed ({}): {json}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(json.starts_with('{') && json.ends_with('}'), "{json}");
+    assert_eq!(json.lines().count(), 1, "{json}");
+    assert_eq!(field(&json, "ok"), "true", "{json}");
+    assert_eq!(num(&json, "mismatches"), 0.0, "{json}");
+    assert_eq!(num(&json, "errors"), 0.0, "{json}");
+    json
+}
+
+/// pingpong verifies every round trip, reports percentiles, and meters the
+/// server's CPU time (the server here is this very process).
+#[test]
+fn pingpong_verifies_and_meters_the_server() {
+    let addr = echo_server(Fault::None).to_string();
+    let me = std::process::id().to_string();
+    let json = run_ok(&[
+        "pingpong",
+        "-a",
+        &addr,
+        "-c",
+        "4",
+        "-t",
+        "2",
+        "-d",
+        "0.6",
+        "--warmup",
+        "0.2",
+        "--server-pid",
+        &me,
+        "--json",
+    ]);
+    assert_eq!(field(&json, "mode"), "pingpong");
+    assert!(num(&json, "messages") > 0.0, "{json}");
+    assert!(num(&json, "msgs_per_s") > 0.0, "{json}");
+    assert!(num(&json, "rtt_p50_us") > 0.0, "{json}");
+    assert!(
+        num(&json, "rtt_p999_us") >= num(&json, "rtt_p50_us"),
+        "{json}"
+    );
+    assert!(num(&json, "server_processes") >= 1.0, "{json}");
+    // Present even if the clock ticks (10 ms) saw no CPU time.
+    assert!(num(&json, "server_cpu_us_per_msg") >= 0.0, "{json}");
+}
+
+/// stream echoes verified bytes in both directions at once.
+#[test]
+fn stream_verifies_bytes() {
+    let addr = echo_server(Fault::None).to_string();
+    let json = run_ok(&[
+        "stream", "-a", &addr, "-c", "2", "-l", "16k", "-d", "0.6", "--warmup", "0.2", "--json",
+    ]);
+    assert!(num(&json, "bytes") > 0.0, "{json}");
+    assert!(num(&json, "mb_per_s") > 0.0, "{json}");
+}
+
+/// connrate opens, proves and closes connections over and over.
+#[test]
+fn connrate_counts_connections() {
+    let addr = echo_server(Fault::None).to_string();
+    let json = run_ok(&[
+        "connrate", "-a", &addr, "-c", "2", "-d", "0.6", "--warmup", "0.2", "--json",
+    ]);
+    assert!(num(&json, "messages") > 0.0, "{json}");
+    assert!(num(&json, "conns_per_s") > 0.0, "{json}");
+}
+
+/// hold opens N connections, keeps them idle, and proves each again; with
+/// --server-pid it reports memory per connection.
+#[test]
+fn hold_keeps_every_connection() {
+    let addr = echo_server(Fault::None).to_string();
+    let me = std::process::id().to_string();
+    let json = run_ok(&[
+        "hold",
+        "-a",
+        &addr,
+        "-n",
+        "60",
+        "-t",
+        "2",
+        "-d",
+        "0.3",
+        "--server-pid",
+        &me,
+        "--json",
+    ]);
+    assert_eq!(num(&json, "hold_requested"), 60.0, "{json}");
+    assert_eq!(num(&json, "hold_proven"), 60.0, "{json}");
+    assert_eq!(num(&json, "held"), 60.0, "{json}");
+    assert!(num(&json, "server_rss_kib_held") > 0.0, "{json}");
+    assert!(field(&json, "pss_kib_per_conn") != "null", "{json}");
+}
+
+/// A server that flips one byte makes the run fail with mismatches counted.
+#[test]
+fn corrupted_echo_fails_the_run() {
+    let addr = echo_server(Fault::FlipByteAt(100)).to_string();
+    for mode in ["pingpong", "stream"] {
+        let out = bench(
+            &[
+                mode, "-a", &addr, "-c", "2", "-d", "0.5", "--warmup", "0.1", "--json",
+            ],
+            Duration::from_secs(20),
+        );
+        let json = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{mode}: {json}");
+        assert_eq!(field(&json, "ok"), "false", "{json}");
+        assert!(num(&json, "mismatches") > 0.0, "{json}");
+        assert!(field(&json, "first_error").contains("differs"), "{json}");
+    }
+}
+
+/// A server that stops echoing mid-message is a short echo: counted as
+/// closed early, and the run fails.
+#[test]
+fn short_echo_fails_the_run() {
+    let addr = echo_server(Fault::CloseAfter(1000)).to_string();
+    let out = bench(
+        &[
+            "pingpong", "-a", &addr, "-c", "2", "-l", "300", "-d", "0.5", "--warmup", "0", "--json",
+        ],
+        Duration::from_secs(20),
+    );
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert!(num(&json, "closed") > 0.0, "{json}");
+    assert_eq!(num(&json, "mismatches"), 0.0, "{json}");
+}
+
+/// Nothing listening: connect errors, exit status 1, and no hang.
+#[test]
+fn refused_connections_fail_the_run() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let out = bench(
+        &[
+            "connrate", "-a", &addr, "-d", "0.3", "--warmup", "0", "--json",
+        ],
+        Duration::from_secs(20),
+    );
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert!(num(&json, "connect_errors") > 0.0, "{json}");
+    assert_eq!(num(&json, "messages"), 0.0, "{json}");
+}
+
+/// A server that accepts but never answers: the echo times out, bounded by
+/// --timeout.
+#[test]
+fn silent_server_times_out() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    // Accepted connections are held open, unread, until the test ends.
+    thread::spawn(move || {
+        let held: Vec<TcpStream> = listener.incoming().take(2).flatten().collect();
+        thread::sleep(Duration::from_secs(30));
+        drop(held);
+    });
+    let started = Instant::now();
+    let out = bench(
+        &[
+            "hold",
+            "-a",
+            &addr,
+            "-n",
+            "2",
+            "-d",
+            "0.1",
+            "--timeout",
+            "0.5",
+            "--json",
+        ],
+        Duration::from_secs(20),
+    );
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(num(&json, "timeouts"), 2.0, "{json}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{json}");
+}
+
+/// --help documents every mode and flag; a bad flag is a usage error.
+#[test]
+fn help_and_usage_errors() {
+    let out = bench(&["--help"], Duration::from_secs(10));
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "pingpong",
+        "stream",
+        "connrate",
+        "hold",
+        "--addr",
+        "--connections",
+        "--length",
+        "--threads",
+        "--duration",
+        "--warmup",
+        "--count",
+        "--timeout",
+        "--server-pid",
+        "--json",
+    ] {
+        assert!(help.contains(word), "--help lacks {word}");
+    }
+    let out = bench(&["pingpong", "--no-such-flag"], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2));
+    let out = bench(&[], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2));
+}
