@@ -688,7 +688,11 @@ impl Master {
         // which after_fork_in_child then sets.
         if let Some(c) = &self.credentials {
             if let Err(e) = c.apply() {
-                log::error!("cannot switch to user {:?} / gid {}: {e}", c.user, c.gid);
+                log::error!(
+                    "cannot switch to user {} / gid {}: {e}",
+                    c.user.as_deref().unwrap_or("(unchanged)"),
+                    c.gid
+                );
                 std::process::exit(exit_code::FATAL);
             }
         }

@@ -165,11 +165,28 @@ impl Credentials {
                 None => return Ok(None),
             },
         };
-        Ok(Some(Credentials {
+        let creds = Credentials {
             user: user.map(str::to_string),
             uid: pw.map(|p| p.uid),
             gid,
-        }))
+        };
+        // Switching user or group takes root (CAP_SETUID/CAP_SETGID): say
+        // so now, rather than let every child fail at its first fork. Under
+        // the systemd unit, which starts echod unprivileged, leave
+        // user/group unset.
+        let euid = nix::unistd::geteuid();
+        let same = creds.uid.is_none_or(|u| u == euid) && creds.gid == nix::unistd::getegid();
+        if same && !euid.is_root() {
+            // Already this user and group: nothing to switch.
+            return Ok(None);
+        }
+        if !euid.is_root() {
+            return Err(format!(
+                "user/group are set, but echod runs as uid {euid}, not root, and cannot switch to them; \
+                 leave them unset (under systemd, the unit chooses the user)"
+            ));
+        }
+        Ok(Some(creds))
     }
 
     /// Switches this process to the credentials: supplementary groups

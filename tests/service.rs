@@ -299,3 +299,32 @@ fn workers_drop_privileges() {
     echo_once(e.addr(), b"as nobody");
     assert!(e.error_lines().is_empty(), "{}", e.log());
 }
+
+/// `user`/`group` that echod, started unprivileged, cannot switch to: a
+/// config error at start (exit 78, saying why), not a crash loop of
+/// children.
+#[test]
+fn user_switch_without_root_is_a_config_error() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: user_switch_without_root_is_a_config_error starts echod as nobody, which needs root");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new("nonroot");
+    let cfg = dir.path("echod.toml");
+    std::fs::write(&cfg, "listen = [\"127.0.0.1:0\"]\nuser = \"root\"\n").unwrap();
+    let out = Command::new(ECHOD)
+        .arg("--config")
+        .arg(&cfg)
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        msg.contains("not root") && msg.contains("leave them unset"),
+        "{msg}"
+    );
+}
