@@ -245,16 +245,22 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// The heartbeat period: a second, or a third of `worker_timeout` when
-    /// that is shorter, so that an idle but healthy worker always beats
-    /// well within the timeout.
+    /// The heartbeat and idle-scan period: a second, or a third of
+    /// `worker_timeout`, or a quarter of `idle_timeout`, whichever is
+    /// shortest (at least 10 ms): an idle but healthy worker always beats
+    /// well within its timeout, and an idle connection is closed at most a
+    /// quarter of `idle_timeout` late.
     fn tick_ms(&self) -> u64 {
-        let timeout = self.config.worker_timeout.as_millis() as u64;
-        if timeout == 0 {
-            TICK_MS
-        } else {
-            (timeout / 3).clamp(10, TICK_MS)
+        let mut tick = TICK_MS;
+        let heartbeat = self.config.worker_timeout.as_millis() as u64;
+        if heartbeat > 0 {
+            tick = tick.min(heartbeat / 3);
         }
+        let idle = self.config.idle_timeout.as_millis() as u64;
+        if idle > 0 {
+            tick = tick.min(idle / 4);
+        }
+        tick.clamp(10, TICK_MS)
     }
 
     /// Milliseconds until the next timer: the idle scan / heartbeat tick or

@@ -450,7 +450,13 @@ pub fn roundtrip(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<Vec<
         stream.write_all(chunk)?;
         let mut got = 0;
         while got < chunk.len() {
-            let n = stream.read(&mut buf[..chunk.len() - got])?;
+            // A blocked read with a timeout fails with EINTR after any
+            // stop/continue of this process, even with no handler
+            // (signal(7)): retry it.
+            let n = match stream.read(&mut buf[..chunk.len() - got]) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r?,
+            };
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
