@@ -5,6 +5,9 @@
 #   make test     the whole test suite (unit + integration, real binary)
 #   make lint     rustfmt --check and clippy -D warnings
 #   make bench    echod against a tokio reference, side by side
+#   make fuzz     fuzz the config parser, FUZZ_SECS (60) per target
+#                 (nightly + cargo-fuzz, installed if missing)
+#   make soak     the kill-and-reload soak alone, SOAK_SECS (60) long
 #   make install  PREFIX=/usr/local DESTDIR=  (see README "Install as a service")
 
 CARGO   ?= cargo
@@ -30,10 +33,21 @@ test:
 
 lint:
 	$(CARGO) fmt --all -- --check
+	rustfmt --edition 2021 --check fuzz/fuzz_targets/*.rs
 	$(CARGO) clippy --all-targets -- -D warnings
 
 bench:
 	bash scripts/bench.sh
+
+FUZZ_SECS ?= 60
+SOAK_SECS ?= 60
+.PHONY: fuzz soak
+
+fuzz:
+	bash fuzz/run.sh $(FUZZ_SECS)
+
+soak:
+	ECHOD_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --test soak -- --nocapture
 
 clean:
 	$(CARGO) clean
