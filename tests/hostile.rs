@@ -26,9 +26,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hostile::*;
-// Ours retry EINTR (see `hostile::roundtrip`); explicit imports win over
-// the glob imports.
-use hostile::{echo_once, roundtrip};
 
 /// The bound of one wait for something echod should do at once.
 const LIMIT: Duration = Duration::from_secs(10);
@@ -829,7 +826,9 @@ fn prefork_killed_workers_per_ip_counts_are_released() {
 #[test]
 fn prefork_worker_survives_descriptor_exhaustion() {
     const CLIENTS: usize = 120;
-    let d = Limited::start(&config("workers = 1\nidle_timeout = 0\nbacklog = 511"), 64);
+    let d = Start::config(&config("workers = 1\nidle_timeout = 0\nbacklog = 511"))
+        .nofile(64)
+        .spawn();
     let addr = d.addr();
     let mut worker = Vec::new();
     assert!(

@@ -20,8 +20,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hostile::*;
-// Ours retries EINTR (see `hostile::roundtrip`).
-use hostile::echo_once;
 
 /// Client threads; each has at most one connection open at a time, so a
 /// killed worker can cut at most this many connections.
@@ -49,7 +47,7 @@ fn soak_config(workers: usize) -> String {
 
 /// How one connection ended. (Reads retry `EINTR`, which a socket with a
 /// receive timeout returns after any stop of the test process: see
-/// `hostile::roundtrip`.)
+/// `common::roundtrip`.)
 enum Outcome {
     /// Every byte came back, then end of stream.
     Exact,

@@ -9,14 +9,13 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{children_of, comm, descendants, wait_until, TempDir, ECHOD};
+use crate::common::{children_of, comm, ECHOD};
 
 /// The fields of `/proc/PID/stat` after the `(comm)` field, which may
 /// itself hold spaces and parentheses: index 0 is the state (field 3).
@@ -200,125 +199,6 @@ pub fn kill(pid: i32, sig: i32) {
     }
 }
 
-/// An echod master started with `RLIMIT_NOFILE` set to `nofile` (what
-/// `prlimit --nofile=N:N echod ...` does, done in `pre_exec` so the pid is
-/// echod's own). Killed by pid, with its descendants, on drop.
-pub struct Limited {
-    child: Child,
-    /// The master's pid.
-    pub pid: i32,
-    log: Arc<Mutex<String>>,
-    _dir: TempDir,
-    exited: Option<ExitStatus>,
-}
-
-impl Limited {
-    /// Starts echod on `config` under the descriptor limit and waits (10 s
-    /// at most) until it is ready.
-    pub fn start(config: &str, nofile: u64) -> Limited {
-        let dir = TempDir::new("limited");
-        let path = dir.path("echod.toml");
-        std::fs::write(&path, config).expect("write config");
-        let mut cmd = Command::new(ECHOD);
-        cmd.arg("--config")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("JOURNAL_STREAM");
-        // SAFETY: the closure only calls setrlimit(2), which is
-        // async-signal-safe, between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let lim = libc::rlimit {
-                    rlim_cur: nofile,
-                    rlim_max: nofile,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("spawn echod");
-        let pid = child.id() as i32;
-        let log = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stderr.take().expect("stderr")) as Box<dyn Read + Send>,
-            Box::new(child.stdout.take().expect("stdout")),
-        ] {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(stream);
-                let mut line = String::new();
-                while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
-                    log.lock().unwrap().push_str(&line);
-                    line.clear();
-                }
-            });
-        }
-        let mut l = Limited {
-            child,
-            pid,
-            log,
-            _dir: dir,
-            exited: None,
-        };
-        let ok = wait_until(Duration::from_secs(10), || {
-            l.log().contains("master: ready: generation") || l.try_exit().is_some()
-        });
-        assert!(
-            ok && l.exited.is_none(),
-            "echod (nofile {nofile}) did not start:\n{}",
-            l.log()
-        );
-        l
-    }
-
-    /// Everything echod wrote so far.
-    pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// The first `listening on` address.
-    pub fn addr(&self) -> SocketAddr {
-        self.log()
-            .lines()
-            .filter_map(|l| l.split("listening on ").nth(1))
-            .find_map(|a| a.trim().parse().ok())
-            .expect("echod reported no listening address")
-    }
-
-    /// The master's live `echod-worker` children.
-    pub fn workers(&self) -> Vec<i32> {
-        live_children_named(self.pid, "echod-worker")
-    }
-
-    /// The exit status, if the master has exited.
-    pub fn try_exit(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().ok().flatten();
-        }
-        self.exited
-    }
-}
-
-impl Drop for Limited {
-    fn drop(&mut self) {
-        if self.try_exit().is_none() {
-            let all = descendants(self.pid);
-            kill(self.pid, libc::SIGKILL);
-            for p in all {
-                kill(p, libc::SIGKILL);
-            }
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// What `echod -t --config FILE` did.
 pub struct Check {
     pub status: ExitStatus,
@@ -411,39 +291,4 @@ impl Rng {
             lo + (self.next() % (hi - lo) as u64) as usize
         }
     }
-}
-
-/// [`crate::common::roundtrip`], but retrying reads that fail with
-/// `EINTR`: on a socket with a receive timeout (`SO_RCVTIMEO`) Linux fails
-/// a blocked read with `EINTR` after *any* interruption of the process,
-/// even a SIGSTOP/SIGCONT or a cgroup freeze with no handler involved
-/// (signal(7), "Interruption of system calls ... by stop signals"), which
-/// a shared test machine does to test processes now and then.
-pub fn roundtrip(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    let mut out = Vec::with_capacity(payload.len());
-    let mut buf = vec![0u8; 65536];
-    for chunk in payload.chunks(65536) {
-        stream.write_all(chunk)?;
-        let mut got = 0;
-        while got < chunk.len() {
-            let n = match stream.read(&mut buf[..chunk.len() - got]) {
-                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            out.extend_from_slice(&buf[..n]);
-            got += n;
-        }
-    }
-    Ok(out)
-}
-
-/// One connection, one message, one echo (with [`roundtrip`]): panics
-/// unless the echo matches.
-pub fn echo_once(addr: SocketAddr, payload: &[u8]) {
-    let mut s = crate::common::connect(addr);
-    let back = roundtrip(&mut s, payload).unwrap_or_else(|e| panic!("echo via {addr}: {e}"));
-    assert!(back == payload, "echo via {addr} differs");
 }

@@ -71,8 +71,10 @@ pub struct Start<'a> {
     pub config: &'a str,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// Wait for this many `listening on` lines and the master's start line.
+    /// Wait for the master's `ready:` line.
     pub wait_ready: bool,
+    /// `RLIMIT_NOFILE` (soft and hard) for echod, as `prlimit --nofile`.
+    pub nofile: Option<u64>,
 }
 
 impl<'a> Start<'a> {
@@ -82,7 +84,12 @@ impl<'a> Start<'a> {
             args: vec![],
             env: vec![],
             wait_ready: true,
+            nofile: None,
         }
+    }
+    pub fn nofile(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
+        self
     }
     pub fn arg(mut self, a: &str) -> Self {
         self.args.push(a.to_string());
@@ -124,6 +131,24 @@ impl Echod {
             .env_remove("JOURNAL_STREAM");
         for (k, v) in &s.env {
             cmd.env(k, v);
+        }
+        if let Some(n) = s.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure only calls setrlimit(2), which is
+            // async-signal-safe, between fork and exec; so the limit is
+            // echod's own and its pid is the one we hold.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().expect("spawn echod");
         let pid = child.id() as i32;
