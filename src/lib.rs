@@ -28,6 +28,8 @@
 //! | [`conn`] | fork mode: serve one connection | connection child |
 //! | [`echo`] | the echo state machine over a buffer (pure) | worker, child |
 //! | [`logging`] | our `log::Log`: stderr, `<N>` prefixes, syslog, file | all |
+//! | [`notify`] | sd_notify: ready, reloading, stopping, status | master |
+//! | [`daemon`] | `--daemon`: double fork, readiness pipe | launcher |
 //!
 //! ## Who holds which descriptor
 //! | descriptor | master | prefork worker | connection child |
@@ -37,6 +39,7 @@
 //! | worker's signal pipe + epoll | — | its own | — |
 //! | client connections | never (fork mode: closed right after fork) | its own only | its own only |
 //! | pid file (flock) | yes | closed after fork | closed after fork |
+//! | sd_notify socket, daemon readiness pipe | yes | closed after fork | closed after fork |
 //! | log file / syslog socket | yes | inherited (one `write` per line) | inherited |
 //!
 //! ## Signals

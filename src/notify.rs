@@ -25,9 +25,9 @@ impl Notifier {
         let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
             return Notifier::default();
         };
-        // SAFETY (of the environment change): the process is single-threaded
-        // (echod starts no thread), so no other thread reads the
-        // environment concurrently.
+        // Changing the environment is sound here: the process is
+        // single-threaded (echod starts no thread), so no other thread reads
+        // it concurrently.
         std::env::remove_var("NOTIFY_SOCKET");
         let path = path.to_string_lossy().into_owned();
         let addr = if let Some(name) = path.strip_prefix('@') {
