@@ -104,6 +104,18 @@ pub enum Overload {
     Reject,
 }
 
+/// How a prefork worker waits for and moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoBackend {
+    /// One level-triggered epoll loop, a `read` and a `write` per message.
+    Epoll,
+    /// An `io_uring`: multishot accept and receive into a provided-buffer
+    /// ring, sends as submissions, one `io_uring_enter` per loop turn. Falls
+    /// back to epoll (with one log line) where the kernel refuses it.
+    IoUring,
+}
+
 /// The whole configuration of one generation, as parsed and validated.
 ///
 /// Every value that [`Config::parse`] returns satisfies the invariants stated
@@ -120,6 +132,8 @@ pub struct Config {
     pub mode: Mode,
     /// The number of prefork workers, 1..=512. Unused in fork mode.
     pub workers: usize,
+    /// The prefork workers' I/O backend. Unused in fork mode.
+    pub io: IoBackend,
     /// The connection cap, 1..=1_000_000: per worker in prefork mode, live
     /// children in fork mode.
     pub max_connections: usize,
@@ -271,6 +285,22 @@ impl Overload {
     }
 }
 
+impl IoBackend {
+    /// The name used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoBackend::Epoll => "epoll",
+            IoBackend::IoUring => "io_uring",
+        }
+    }
+}
+
+impl fmt::Display for IoBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -349,6 +379,7 @@ impl Default for Config {
             backlog: 511,
             mode: Mode::Prefork,
             workers: default_workers(),
+            io: IoBackend::Epoll,
             max_connections: 1024,
             max_connections_per_ip: 0,
             overload: Overload::Wait,
@@ -453,6 +484,7 @@ impl Config {
             ("backlog", Some(self.backlog.to_string())),
             ("mode", Some(quote(self.mode.as_str()))),
             ("workers", Some(self.workers.to_string())),
+            ("io", Some(quote(self.io.as_str()))),
             ("max_connections", Some(self.max_connections.to_string())),
             (
                 "max_connections_per_ip",
@@ -612,6 +644,7 @@ const TOP_KEYS: &[&str] = &[
     "backlog",
     "mode",
     "workers",
+    "io",
     "max_connections",
     "max_connections_per_ip",
     "overload",
@@ -668,6 +701,16 @@ fn parse_document(text: &str) -> Result<Config, Fault> {
                 )?;
             }
             "workers" => config.workers = integer(value, "workers", WORKERS)?,
+            "io" => {
+                config.io = choice(
+                    value,
+                    "io",
+                    &[
+                        ("epoll", IoBackend::Epoll),
+                        ("io_uring", IoBackend::IoUring),
+                    ],
+                )?;
+            }
             "max_connections" => {
                 config.max_connections = integer(value, "max_connections", MAX_CONNECTIONS)?;
             }
@@ -1236,6 +1279,7 @@ mod tests {
             backlog: 4096,
             mode: Mode::Fork,
             workers: 7,
+            io: IoBackend::IoUring,
             max_connections: 10_000,
             max_connections_per_ip: 16,
             overload: Overload::Reject,
@@ -1272,6 +1316,7 @@ mod tests {
         assert!((1..=512).contains(&c.workers));
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert_eq!(c.workers, cpus.min(512));
+        assert_eq!(c.io, IoBackend::Epoll);
         assert_eq!(c.max_connections, 1024);
         assert_eq!(c.max_connections_per_ip, 0);
         assert_eq!(c.overload, Overload::Wait);
@@ -1304,6 +1349,7 @@ mod tests {
             backlog = 4096
             mode = "fork"
             workers = 7
+            io = "io_uring"
             max_connections = 10_000
             max_connections_per_ip = 16
             overload = "reject"
@@ -1481,7 +1527,7 @@ mod tests {
         );
         assert_eq!(
             error("\"a b\\n\" = 1\n"),
-            "/tmp/x.toml:1:1: \"a b\\n\": unknown key; the keys at the top level are listen, backlog, mode, workers, max_connections, max_connections_per_ip, overload, buffer_size, idle_timeout, shutdown_timeout, worker_timeout, max_requests_per_worker, pid_file, user, group, daemon, log"
+            "/tmp/x.toml:1:1: \"a b\\n\": unknown key; the keys at the top level are listen, backlog, mode, workers, io, max_connections, max_connections_per_ip, overload, buffer_size, idle_timeout, shutdown_timeout, worker_timeout, max_requests_per_worker, pid_file, user, group, daemon, log"
         );
         assert_eq!(
             error("[log.rotate]\nsize = 1\n"),
@@ -1586,6 +1632,14 @@ mod tests {
         assert_eq!(
             error("overload = \"drop\""),
             "/tmp/x.toml:1:12: overload: expected \"wait\" or \"reject\", found \"drop\""
+        );
+        assert_eq!(
+            error("workers = 2\nio = \"uring\""),
+            "/tmp/x.toml:2:6: io: expected \"epoll\" or \"io_uring\", found \"uring\""
+        );
+        assert_eq!(
+            error("io = 1"),
+            "/tmp/x.toml:1:6: io: expected \"epoll\" or \"io_uring\", found an integer"
         );
         assert_eq!(
             error("[log]\ntarget = \"journal\""),
@@ -1862,6 +1916,7 @@ mod tests {
         new.workers = old.workers + 2;
         new.listen = vec!["0.0.0.0:7".parse().unwrap()];
         new.mode = Mode::Fork;
+        new.io = IoBackend::IoUring;
         new.user = Some("echod".to_owned());
         new.idle_timeout = Duration::from_secs(30);
         new.log.level = log::LevelFilter::Debug;
@@ -1871,12 +1926,13 @@ mod tests {
                 "listen [\"127.0.0.1:7007\", \"[::1]:7007\"] -> [\"0.0.0.0:7\"]".to_owned(),
                 "mode \"prefork\" -> \"fork\"".to_owned(),
                 format!("workers {} -> {}", old.workers, new.workers),
+                "io \"epoll\" -> \"io_uring\"".to_owned(),
                 "idle_timeout \"5m\" -> \"30s\"".to_owned(),
                 "user (unset) -> \"echod\"".to_owned(),
                 "log.level \"info\" -> \"debug\"".to_owned(),
             ]
         );
-        assert_eq!(new.changes(&old).len(), 6);
+        assert_eq!(new.changes(&old).len(), 7);
     }
 
     #[test]
@@ -2044,6 +2100,7 @@ mod tests {
                 1..=65535i32,
                 prop::sample::select(vec![Mode::Prefork, Mode::Fork]),
                 1..=512usize,
+                prop::sample::select(vec![IoBackend::Epoll, IoBackend::IoUring]),
                 1..=1_000_000usize,
                 0..=1_000_000usize,
                 prop::sample::select(vec![Overload::Wait, Overload::Reject]),
@@ -2068,6 +2125,7 @@ mod tests {
                         backlog,
                         mode,
                         workers,
+                        io,
                         max_connections,
                         max_connections_per_ip,
                         overload,
@@ -2089,6 +2147,7 @@ mod tests {
                     backlog,
                     mode,
                     workers,
+                    io,
                     max_connections,
                     max_connections_per_ip,
                     overload,

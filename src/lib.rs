@@ -25,6 +25,7 @@
 //! | [`workers`] | the table of children, generations, phases, backoff (pure) | master |
 //! | [`scoreboard`] | `MAP_SHARED` heartbeats and counters | master, workers |
 //! | [`worker`] | the prefork worker's epoll loop | worker |
+//! | [`uring`] | the prefork worker's loop on io_uring (`io = "io_uring"`) | worker |
 //! | [`conn`] | fork mode: serve one connection | connection child |
 //! | [`echo`] | the echo state machine over a buffer (pure) | worker, child |
 //! | [`logging`] | our `log::Log`: stderr, `<N>` prefixes, syslog, file | all |
@@ -68,5 +69,6 @@ pub mod pidfile;
 pub mod process;
 pub mod scoreboard;
 pub mod signals;
+pub mod uring;
 pub mod worker;
 pub mod workers;

@@ -148,6 +148,12 @@ pub fn run(listeners: Vec<Listener>, config: &Config, seat: Seat<'_>) -> i32 {
     // Signals were blocked since fork(); what arrived meanwhile (a SIGTERM
     // from a quick reload) is delivered now, to the handlers just set.
     crate::process::unblock_signals();
+    if config.io == crate::config::IoBackend::IoUring {
+        match crate::uring::Ring::new(config) {
+            Ok(ring) => return crate::uring::run(ring, listeners, config, seat, &mut signals),
+            Err(e) => log::warn!("io_uring unavailable ({e}); using epoll"),
+        }
+    }
     let mut worker = match Worker::new(listeners, config, seat, &signals) {
         Ok(w) => w,
         Err(e) => {

@@ -213,6 +213,41 @@ fn prefork_echo_is_byte_exact() {
     echo_is_byte_exact("prefork", "mode = \"prefork\"\nworkers = 2", 1);
 }
 
+/// `prefork_io_uring_echo_is_byte_exact`: the same with the io_uring
+/// worker, with small buffers so that messages span many ring buffers and
+/// short sends and backpressure happen often.
+#[test]
+fn prefork_io_uring_echo_is_byte_exact() {
+    echo_is_byte_exact(
+        "prefork io_uring",
+        "mode = \"prefork\"\nworkers = 2\nio = \"io_uring\"\nbuffer_size = 1024",
+        3,
+    );
+}
+
+/// `io_uring_refused_falls_back_to_epoll`: where the kernel refuses
+/// io_uring (simulated), each worker says so in one line and serves with
+/// epoll.
+#[test]
+fn io_uring_refused_falls_back_to_epoll() {
+    let e = Start::config(
+        "listen = [\"127.0.0.1:0\"]\nworkers = 2\nio = \"io_uring\"\n[log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
+    )
+    .env("ECHOD_TEST_NO_IO_URING", "1")
+    .spawn();
+    assert!(
+        wait_until(Duration::from_secs(5), || e
+            .count_log("io_uring unavailable")
+            == 2),
+        "{}",
+        e.log()
+    );
+    for i in 0..4 {
+        echo_once(e.addr(), &vec![i as u8; 3000]);
+    }
+    assert!(e.error_lines().is_empty(), "{}", e.log());
+}
+
 /// `fork_echo_is_byte_exact`: the same in fork mode, one child per
 /// connection (200 live children at once).
 #[test]

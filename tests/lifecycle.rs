@@ -35,11 +35,12 @@ fn kill(pid: i32, sig: i32) {
     }
 }
 
-/// Whether `pid` has an epoll descriptor (a worker in its event loop).
+/// Whether `pid` has an epoll or io_uring descriptor (a worker in its
+/// event loop, whichever `io` backend it runs).
 fn has_epoll(pid: i32) -> bool {
     common::fd_targets(pid)
         .iter()
-        .any(|t| t.contains("eventpoll"))
+        .any(|t| t.contains("eventpoll") || t.contains("[io_uring]"))
 }
 
 /// Starts echod with `extra` config keys and waits for its `n` workers of

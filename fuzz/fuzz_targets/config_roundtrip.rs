@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use echod::config::{Config, LogConfig, LogTarget, Mode, Overload, FACILITIES};
+use echod::config::{Config, IoBackend, LogConfig, LogTarget, Mode, Overload, FACILITIES};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
@@ -72,6 +72,7 @@ fn config(u: &mut Unstructured) -> Result<Config> {
         backlog: u.int_in_range(1..=65535)?,
         mode: *u.choose(&[Mode::Prefork, Mode::Fork])?,
         workers: u.int_in_range(1..=512)?,
+        io: *u.choose(&[IoBackend::Epoll, IoBackend::IoUring])?,
         max_connections: u.int_in_range(1..=1_000_000)?,
         max_connections_per_ip: u.int_in_range(0..=1_000_000)?,
         overload: *u.choose(&[Overload::Wait, Overload::Reject])?,

@@ -258,7 +258,7 @@ impl Echod {
 
     /// Waits until the workers' count is stable and each is in its epoll
     /// loop (its scoreboard heartbeat is not visible here, so: each has an
-    /// epoll descriptor).
+    /// epoll or io_uring descriptor).
     pub fn wait_workers_up(&self, timeout: Duration) -> bool {
         wait_until(timeout, || {
             let w = self.workers();
@@ -383,7 +383,9 @@ pub fn fd_count(pid: i32) -> usize {
 }
 
 fn has_epoll(pid: i32) -> bool {
-    fd_targets(pid).iter().any(|t| t.contains("eventpoll"))
+    fd_targets(pid)
+        .iter()
+        .any(|t| t.contains("eventpoll") || t.contains("[io_uring]"))
 }
 
 /// The socket inodes `pid` holds.

@@ -1,0 +1,996 @@
+//! The prefork worker on `io_uring` (`io = "io_uring"`): the same contract
+//! as [`crate::worker`] (inherited listeners, scoreboard heartbeat and
+//! counts, `SIGTERM` drain, `SIGINT`/`SIGQUIT` exit, `idle_timeout`,
+//! `max_connections` with `overload`, `max_connections_per_ip`, recycling,
+//! backpressure), with fewer syscalls per message.
+//!
+//! Runs in: each prefork worker whose config says `io = "io_uring"` and
+//! whose kernel accepts the ring (else [`crate::worker::run`] logs one line
+//! and runs the epoll loop).
+//!
+//! ## One `io_uring_enter` per loop turn
+//! Everything is a request in the ring, submitted in one batch by the
+//! `io_uring_enter` that also waits for the next completions (with the
+//! heartbeat tick as its timeout):
+//! - each listener has an **accept** in flight, armed again after each
+//!   connection (not multishot: see [`MULTISHOT_ACCEPT`]);
+//! - each connection has a **multishot receive** that picks a buffer from a
+//!   **provided-buffer ring** (`buffer_size` bytes each) shared by all
+//!   connections: one completion per message, no request per message;
+//! - the echo is a **send** straight from that buffer (no copy); a short
+//!   send is followed by a send of the rest from the same buffer; the
+//!   buffer goes back to the ring when all of it was sent;
+//! - the signal pipe has a multishot poll.
+//!
+//! A ping-pong message therefore costs no syscall of its own: its receive
+//! completion and its send request ride on the loop turn's one
+//! `io_uring_enter`, shared with every other connection that was busy.
+//!
+//! ## Backpressure
+//! One send per connection is in flight at a time (two sends on one socket
+//! may complete out of order). Data that arrives meanwhile waits, in ring
+//! buffers, behind it; once `buffer_size` bytes wait, the connection's
+//! receive is cancelled, and armed again once everything is sent. So a
+//! client that does not read holds at most the in-flight buffer, the
+//! queued `buffer_size` bytes and what the cancel lets through: about two
+//! buffers, against one with epoll.
+//!
+//! ## Closing
+//! A connection's descriptor is closed only once none of its requests is in
+//! flight (a close request in the ring), so that no request can ever reach
+//! a newer connection that reuses the descriptor number or the slot. Closing
+//! cancels its receive and, if a send is stuck on a client that does not
+//! read, shuts the socket down so the send fails.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::config::{Config, Overload};
+use crate::echo::Close;
+use crate::listener::Listener;
+use crate::process::exit_code;
+use crate::scoreboard::{now_ms, IpKey};
+use crate::signals::SignalPipe;
+use crate::worker::Seat;
+
+/// Whether listeners get a multishot accept (one request for every
+/// connection) or a one-shot accept armed again after each connection.
+///
+/// One-shot, measured: a multishot accept stays registered on the shared
+/// listening socket at the same place in its wait queue, so the kernel
+/// hands every new connection to the same worker, busy or not (the
+/// supervision test `prefork_pool_is_exactly_workers_...` saw 160 of 160
+/// connections go to one of two workers). A one-shot accept, armed again
+/// after each completion, goes to the back of the queue, so connections
+/// rotate between workers. It costs one submission per connection, no
+/// syscall (it rides on the loop turn's `io_uring_enter`), and it keeps
+/// `max_connections` exact: at most one accept per listener is in flight.
+const MULTISHOT_ACCEPT: bool = false;
+
+/// Submission queue entries (the completion queue is four times larger).
+const SQ_ENTRIES: u32 = 1024;
+/// The provided-buffer group of the receive ring.
+const BGID: u16 = 0;
+/// Most buffers in the receive ring.
+const MAX_BUFFERS: usize = 256;
+/// Fewest buffers in the receive ring.
+const MIN_BUFFERS: usize = 16;
+/// How much memory the ring's buffers may take together, unless that is
+/// less than [`MIN_BUFFERS`] buffers.
+const BUFFER_BUDGET: usize = 8 << 20;
+/// As in the epoll worker.
+const ACCEPT_PAUSE_MS: u64 = 100;
+const TICK_MS: u64 = 1000;
+
+/// What a completion is about: the low 8 bits of its `user_data`; the rest
+/// is the listener or connection slot index.
+const KIND_IGNORE: u64 = 0;
+const KIND_SIGNAL: u64 = 1;
+const KIND_ACCEPT: u64 = 2;
+const KIND_RECV: u64 = 3;
+const KIND_SEND: u64 = 4;
+
+fn ud(kind: u64, idx: usize) -> u64 {
+    kind | (idx as u64) << 8
+}
+
+/// The ring of buffers the kernel picks from for multishot receives.
+///
+/// Invariant: `entries` is a power of two; `data` holds `entries` buffers of
+/// `buf_len` bytes; the kernel owns the buffers that are in the ring
+/// (`free` of them), the worker owns the others (being sent or queued).
+struct BufRing {
+    ring: *mut types::BufRingEntry,
+    layout: std::alloc::Layout,
+    entries: u16,
+    tail: u16,
+    data: Vec<u8>,
+    buf_len: usize,
+    free: usize,
+}
+
+impl BufRing {
+    fn new(buffer_size: usize) -> io::Result<BufRing> {
+        let entries = (BUFFER_BUDGET / buffer_size)
+            .clamp(MIN_BUFFERS, MAX_BUFFERS)
+            .next_power_of_two()
+            .min(MAX_BUFFERS);
+        let layout = std::alloc::Layout::from_size_align(
+            entries * std::mem::size_of::<types::BufRingEntry>(),
+            4096,
+        )
+        .map_err(io::Error::other)?;
+        // SAFETY: the layout has a non-zero size; zeroed entries are valid.
+        let ring = unsafe { std::alloc::alloc_zeroed(layout) } as *mut types::BufRingEntry;
+        if ring.is_null() {
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
+        let mut b = BufRing {
+            ring,
+            layout,
+            entries: entries as u16,
+            tail: 0,
+            data: vec![0; entries * buffer_size],
+            buf_len: buffer_size,
+            free: 0,
+        };
+        for bid in 0..entries as u16 {
+            b.give(bid);
+        }
+        b.publish();
+        Ok(b)
+    }
+
+    /// Hands buffer `bid` back to the kernel (visible at [`Self::publish`]).
+    fn give(&mut self, bid: u16) {
+        let i = (self.tail & (self.entries - 1)) as usize;
+        // SAFETY: `i < entries`, inside the allocation; the kernel reads
+        // entries only up to the published tail, which is behind this one.
+        let e = unsafe { &mut *self.ring.add(i) };
+        e.set_addr(self.buf(bid).as_ptr() as u64);
+        e.set_len(self.buf_len as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+        self.free += 1;
+    }
+
+    /// Makes the buffers given back so far visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: the tail is a u16 inside the first entry, 2-byte aligned,
+        // shared with the kernel, which only reads it.
+        let tail = unsafe { &*(types::BufRingEntry::tail(self.ring) as *const AtomicU16) };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    fn buf(&self, bid: u16) -> &[u8] {
+        let at = bid as usize * self.buf_len;
+        &self.data[at..at + self.buf_len]
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout. The ring that used it
+        // is dropped first (field order of `Ring`).
+        unsafe { std::alloc::dealloc(self.ring as *mut u8, self.layout) }
+    }
+}
+
+/// An `io_uring` and its buffer ring, set up. [`Ring::new`] failing means
+/// "use epoll".
+pub struct Ring {
+    ring: IoUring,
+    bufs: BufRing,
+}
+
+impl Ring {
+    /// Sets up the ring and registers the buffer ring; fails where the
+    /// kernel lacks what the worker needs (io_uring itself, registered
+    /// buffer rings: 5.19, the wait timeout argument: 5.11).
+    pub fn new(config: &Config) -> io::Result<Ring> {
+        // Test hook, not documented for users: act as if the kernel
+        // refused io_uring, so the tests can watch the fallback.
+        if std::env::var_os("ECHOD_TEST_NO_IO_URING").is_some() {
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
+        let ring = IoUring::builder()
+            .setup_cqsize(SQ_ENTRIES * 4)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(SQ_ENTRIES)
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_cqsize(SQ_ENTRIES * 4)
+                    .build(SQ_ENTRIES)
+            })?;
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::other("the kernel lacks IORING_FEAT_EXT_ARG"));
+        }
+        let bufs = BufRing::new(config.buffer_size)?;
+        // SAFETY: the buffer ring memory lives as long as `Ring` and is
+        // dropped after the io_uring (field order).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                bufs.ring as u64,
+                bufs.entries,
+                BGID,
+                0,
+            )?;
+        }
+        Ok(Ring { ring, bufs })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recv {
+    /// The multishot receive is in flight.
+    Armed,
+    /// Cancelled; its last completion has not arrived yet.
+    Stopping,
+    /// Not in flight.
+    Off,
+}
+
+/// One client connection.
+///
+/// Invariant: `queued` is the sum of the lengths in `queue`; `sending`
+/// and `queue` hold ring buffers the worker owns.
+struct Conn {
+    stream: TcpStream,
+    ip: IpKey,
+    last_active: u64,
+    recv: Recv,
+    /// The send in flight: buffer id, bytes already sent, bytes in all.
+    sending: Option<(u16, u32, u32)>,
+    /// Buffers received while a send was in flight, in order.
+    queue: VecDeque<(u16, u32)>,
+    queued: usize,
+    /// The client closed its side: close once everything is sent.
+    eof: bool,
+    /// Closed as far as the worker is concerned; the descriptor is closed
+    /// when nothing is in flight any more.
+    closed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accepting {
+    On,
+    Full,
+    Starved(u64),
+    Closed,
+}
+
+struct Worker<'a> {
+    ring: IoUring,
+    bufs: BufRing,
+    config: &'a Config,
+    seat: Seat<'a>,
+    /// The listeners; each is closed, when draining, once its accept is no
+    /// longer in flight (so no queued accept request can meet a closed or
+    /// reused descriptor number).
+    listeners: Vec<Option<Listener>>,
+    /// Whether listener `i`'s accept is in flight.
+    accept_armed: Vec<bool>,
+    accepting: Accepting,
+    /// Connections accepted while full with `overload = "wait"`: the
+    /// kernel took them off the queue before the worker could stop it; they
+    /// wait here, unserved, for a free slot, as they would in the backlog.
+    parked: VecDeque<TcpStream>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    open: usize,
+    /// Connections whose receive stopped for want of buffers.
+    starved: Vec<usize>,
+    now: u64,
+    last_starved_log: u64,
+    last_overload_log: u64,
+    refusals_logged: std::collections::HashMap<std::net::IpAddr, u64>,
+    signal_fd: i32,
+}
+
+/// Runs the worker on `ring` until it has drained or is told to exit;
+/// returns the process exit code.
+pub fn run(
+    ring: Ring,
+    listeners: Vec<Listener>,
+    config: &Config,
+    seat: Seat<'_>,
+    signals: &mut SignalPipe,
+) -> i32 {
+    let n = listeners.len();
+    let mut w = Worker {
+        ring: ring.ring,
+        bufs: ring.bufs,
+        config,
+        seat,
+        listeners: listeners.into_iter().map(Some).collect(),
+        accept_armed: vec![false; n],
+        accepting: Accepting::Full,
+        parked: VecDeque::new(),
+        conns: Vec::new(),
+        free: Vec::new(),
+        open: 0,
+        starved: Vec::new(),
+        now: now_ms(),
+        last_starved_log: 0,
+        last_overload_log: 0,
+        refusals_logged: std::collections::HashMap::new(),
+        signal_fd: signals.as_fd().as_raw_fd(),
+    };
+    log::debug!("io_uring worker: {} receive buffers", w.bufs.entries);
+    w.arm_signals();
+    w.resume_or_log();
+    w.run(signals)
+}
+
+impl Worker<'_> {
+    fn push(&mut self, e: squeue::Entry) {
+        // SAFETY: every request points at memory that outlives it: ring
+        // buffers (owned by `bufs`, alive as long as the ring) or nothing.
+        while unsafe { self.ring.submission().push(&e) }.is_err() {
+            if let Err(e) = self.ring.submit() {
+                log::warn!("io_uring_enter: {e}");
+            }
+        }
+    }
+
+    fn arm_signals(&mut self) {
+        let e = opcode::PollAdd::new(types::Fd(self.signal_fd), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(ud(KIND_SIGNAL, 0));
+        self.push(e);
+    }
+
+    fn run(&mut self, signals: &mut SignalPipe) -> i32 {
+        let tick = tick_ms(self.config);
+        let mut next_scan = self.now + tick;
+        let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(256);
+        loop {
+            self.seat
+                .board
+                .cell(self.seat.slot)
+                .beat(self.now, self.open);
+            self.bufs.publish();
+            let mut until = next_scan;
+            if let Accepting::Starved(t) = self.accepting {
+                until = until.min(t);
+            }
+            let wait = until.saturating_sub(self.now).min(TICK_MS);
+            let ts = types::Timespec::new()
+                .sec(wait / 1000)
+                .nsec((wait % 1000) as u32 * 1_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                    ) => {}
+                Err(e) => {
+                    log::error!("io_uring_enter: {e}; exiting");
+                    return exit_code::FAILURE;
+                }
+            }
+            self.now = now_ms();
+            cqes.clear();
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(data, res, flags) in &cqes {
+                let idx = (data >> 8) as usize;
+                match data & 0xff {
+                    KIND_SIGNAL => {
+                        if !cqueue::more(flags) {
+                            self.arm_signals();
+                        }
+                        for sig in signals.pending() {
+                            if sig == libc::SIGTERM {
+                                self.start_draining();
+                            } else if sig == libc::SIGUSR1 {
+                                if let Err(e) = crate::logging::reopen() {
+                                    log::error!("SIGUSR1: {e}");
+                                }
+                            } else {
+                                log::info!(
+                                    "{}: closing {} connections and exiting",
+                                    crate::signals::name(sig),
+                                    self.open + self.parked.len()
+                                );
+                                return exit_code::OK;
+                            }
+                        }
+                    }
+                    KIND_ACCEPT => {
+                        if let Err(code) = self.on_accept(idx, res, flags) {
+                            return code;
+                        }
+                    }
+                    KIND_RECV => self.on_recv(idx, res, flags),
+                    KIND_SEND => self.on_send(idx, res),
+                    _ => {}
+                }
+            }
+            if !self.starved.is_empty() && self.bufs.free > 0 {
+                for idx in std::mem::take(&mut self.starved) {
+                    self.rearm(idx);
+                }
+            }
+            if let Accepting::Starved(until) = self.accepting {
+                if self.now >= until {
+                    self.resume_or_log();
+                }
+            }
+            if self.now >= next_scan {
+                self.rescue_accepts();
+                self.close_idle();
+                next_scan = self.now + tick;
+            }
+            if self.accepting == Accepting::Closed
+                && self.open == 0
+                && self.parked.is_empty()
+                && !self.accept_armed.contains(&true)
+            {
+                log::info!("drained; exiting");
+                return exit_code::OK;
+            }
+        }
+    }
+
+    // --- accepting -------------------------------------------------------
+
+    fn on_accept(&mut self, i: usize, res: i32, flags: u32) -> Result<(), i32> {
+        let more = cqueue::more(flags);
+        if !more {
+            if let Some(a) = self.accept_armed.get_mut(i) {
+                *a = false;
+            }
+        }
+        if res >= 0 {
+            // SAFETY: the kernel just made this descriptor for us.
+            let stream = unsafe { TcpStream::from_raw_fd(res) };
+            let full = self.open >= self.config.max_connections;
+            if !full {
+                self.admit(stream);
+            } else if self.config.overload == Overload::Reject {
+                self.refuse_overload(stream);
+            } else {
+                self.parked.push_back(stream);
+            }
+            if self.open >= self.config.max_connections && self.config.overload == Overload::Wait {
+                self.pause_accepting(Accepting::Full);
+            }
+        } else {
+            let e = io::Error::from_raw_os_error(-res);
+            match -res {
+                libc::ECANCELED => {}
+                libc::EMFILE | libc::ENFILE => {
+                    if self.now.saturating_sub(self.last_starved_log) >= 1000 {
+                        log::warn!(
+                            "accept: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({} connections open)",
+                            self.open
+                        );
+                        self.last_starved_log = self.now;
+                    }
+                    self.pause_accepting(Accepting::Starved(self.now + ACCEPT_PAUSE_MS));
+                }
+                libc::EINVAL | libc::EOPNOTSUPP => {
+                    log::error!("accept: {e}; exiting");
+                    return Err(exit_code::FAILURE);
+                }
+                _ => log::debug!("accept: {e}"),
+            }
+        }
+        if !more && self.accepting == Accepting::On {
+            self.arm_accept(i);
+        }
+        if !more && self.accepting == Accepting::Closed {
+            if let Some(l) = self.listeners.get_mut(i) {
+                *l = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Once a tick, takes with plain `accept4` what waits in the listen
+    /// queues. An accept request in io_uring is an exclusive waiter on the
+    /// shared listening socket: a worker that is stopped (`SIGSTOP`) or
+    /// being torn down can take the wake-up for a connection and never
+    /// accept it, and the connection then waits for the next wake-up
+    /// (measured: the supervision test that kills a stopped worker saw its
+    /// next client wait 10 s). epoll does not have that problem: its
+    /// exclusive wake-ups only go to a worker blocked in `epoll_wait`. This
+    /// bounds the wait to one tick; it costs one `accept4` per listener per
+    /// tick.
+    fn rescue_accepts(&mut self) {
+        for i in 0..self.listeners.len() {
+            for _ in 0..64 {
+                if self.accepting != Accepting::On {
+                    return;
+                }
+                let Some(Some(l)) = self.listeners.get(i) else {
+                    break;
+                };
+                match l.accept() {
+                    Ok((stream, _)) => {
+                        log::debug!("accepted a connection whose wake-up was lost");
+                        if self.open < self.config.max_connections {
+                            self.admit(stream);
+                        } else if self.config.overload == Overload::Reject {
+                            self.refuse_overload(stream);
+                        } else {
+                            self.parked.push_back(stream);
+                        }
+                        if self.open >= self.config.max_connections
+                            && self.config.overload == Overload::Wait
+                        {
+                            self.pause_accepting(Accepting::Full);
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    fn arm_accept(&mut self, i: usize) {
+        let Some(Some(l)) = self.listeners.get(i) else {
+            return;
+        };
+        if self.accept_armed[i] {
+            return;
+        }
+        let fd = types::Fd(l.as_fd().as_raw_fd());
+        let e = if MULTISHOT_ACCEPT {
+            opcode::AcceptMulti::new(fd)
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+        } else {
+            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+        }
+        .user_data(ud(KIND_ACCEPT, i));
+        self.accept_armed[i] = true;
+        self.push(e);
+    }
+
+    fn resume_or_log(&mut self) {
+        if matches!(self.accepting, Accepting::On | Accepting::Closed) {
+            return;
+        }
+        if self.open + self.parked.len() >= self.config.max_connections {
+            self.accepting = Accepting::Full;
+            return;
+        }
+        self.accepting = Accepting::On;
+        for i in 0..self.listeners.len() {
+            self.arm_accept(i);
+        }
+    }
+
+    fn pause_accepting(&mut self, why: Accepting) {
+        if self.accepting == Accepting::On {
+            for i in 0..self.listeners.len() {
+                if self.accept_armed[i] {
+                    let e = opcode::AsyncCancel::new(ud(KIND_ACCEPT, i))
+                        .build()
+                        .user_data(ud(KIND_IGNORE, 0));
+                    self.push(e);
+                }
+            }
+        }
+        self.accepting = why;
+    }
+
+    fn start_draining(&mut self) {
+        if self.accepting == Accepting::Closed {
+            return;
+        }
+        // Stop accepting before saying so, as the epoll worker does: the
+        // accepts still queued are submitted, then cancelled synchronously,
+        // so the listeners can be closed now and a client that connects
+        // after the "draining" line is refused (once the master and the
+        // other workers closed theirs too). Where the synchronous cancel is
+        // not available (before 6.0), the accept is cancelled like any
+        // request and its listener closed at its last completion.
+        if let Err(e) = self.ring.submit() {
+            log::warn!("io_uring_enter: {e}");
+        }
+        let was = self.accepting;
+        self.accepting = Accepting::Closed;
+        for i in 0..self.listeners.len() {
+            if !self.accept_armed[i] {
+                self.listeners[i] = None;
+                continue;
+            }
+            let timeout = types::Timespec::new().sec(1);
+            let cancel = types::CancelBuilder::user_data(ud(KIND_ACCEPT, i));
+            match self
+                .ring
+                .submitter()
+                .register_sync_cancel(Some(timeout), cancel)
+            {
+                Ok(()) => self.listeners[i] = None,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.listeners[i] = None,
+                Err(e) => {
+                    log::debug!("synchronous cancel: {e}");
+                    if was == Accepting::On {
+                        let e = opcode::AsyncCancel::new(ud(KIND_ACCEPT, i))
+                            .build()
+                            .user_data(ud(KIND_IGNORE, 0));
+                        self.push(e);
+                    }
+                }
+            }
+        }
+        log::info!("draining {} connections", self.open + self.parked.len());
+    }
+
+    fn refuse_overload(&mut self, stream: TcpStream) {
+        if self.now.saturating_sub(self.last_overload_log) >= 1000 {
+            self.last_overload_log = self.now;
+            log::warn!(
+                "max_connections ({}) reached: refusing {} (overload = \"reject\")",
+                self.config.max_connections,
+                peer_of(&stream)
+            );
+        }
+        drop(stream);
+    }
+
+    fn admit(&mut self, stream: TcpStream) {
+        let cap = self.config.max_connections_per_ip;
+        let mut key = IpKey::default();
+        if cap > 0 {
+            let peer = match stream.peer_addr() {
+                Ok(p) => p,
+                Err(e) => {
+                    log::debug!("getpeername: {e}");
+                    return;
+                }
+            };
+            let board = self.seat.board;
+            key = board.ip_key(peer.ip());
+            board.ip_add(self.seat.slot, key);
+            if board.ip_total(key) as usize > cap {
+                board.ip_sub(self.seat.slot, key);
+                drop(stream);
+                self.log_refusal(peer);
+                return;
+            }
+        }
+        self.add_conn(stream, key);
+    }
+
+    fn log_refusal(&mut self, peer: SocketAddr) {
+        let now = self.now;
+        if self.refusals_logged.len() > 4096 {
+            self.refusals_logged
+                .retain(|_, t| now.saturating_sub(*t) < 1000);
+        }
+        let last = self.refusals_logged.entry(peer.ip()).or_insert(0);
+        if *last == 0 || now.saturating_sub(*last) >= 1000 {
+            *last = now;
+            log::warn!(
+                "{} has max_connections_per_ip ({}) connections: refusing {peer}",
+                peer.ip(),
+                self.config.max_connections_per_ip
+            );
+        }
+    }
+
+    fn add_conn(&mut self, stream: TcpStream, ip: IpKey) {
+        let _ = stream.set_nodelay(true);
+        if log::log_enabled!(log::Level::Debug) {
+            log::debug!("connection from {}", peer_of(&stream));
+        }
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        self.conns[idx] = Some(Conn {
+            stream,
+            ip,
+            last_active: self.now,
+            recv: Recv::Off,
+            sending: None,
+            queue: VecDeque::new(),
+            queued: 0,
+            eof: false,
+            closed: false,
+        });
+        self.open += 1;
+        self.arm_recv(idx);
+        let cell = self.seat.board.cell(self.seat.slot);
+        let served = cell.served_one();
+        let max = self.config.max_requests_per_worker;
+        if let (true, Some(master)) = (max > 0 && served == max, self.seat.master) {
+            log::info!("served {served} connections; asking to be recycled");
+            cell.ask_retire();
+            crate::signals::send(master, nix::sys::signal::Signal::SIGUSR2);
+        }
+    }
+
+    // --- moving bytes ----------------------------------------------------
+
+    fn arm_recv(&mut self, idx: usize) {
+        let Some(Some(c)) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let fd = c.stream.as_raw_fd();
+        c.recv = Recv::Armed;
+        let e = opcode::RecvMulti::new(types::Fd(fd), BGID)
+            .build()
+            .user_data(ud(KIND_RECV, idx));
+        self.push(e);
+    }
+
+    /// Arms the receive again if the connection is idle and reading is
+    /// what it should do next; waits for buffers if the ring is empty.
+    fn rearm(&mut self, idx: usize) {
+        let Some(Some(c)) = self.conns.get(idx) else {
+            return;
+        };
+        if c.closed || c.eof || c.recv != Recv::Off || c.sending.is_some() {
+            return;
+        }
+        if self.bufs.free == 0 {
+            self.starved.push(idx);
+            return;
+        }
+        self.arm_recv(idx);
+    }
+
+    fn send(&mut self, idx: usize, bid: u16, off: u32, len: u32) {
+        let Some(Some(c)) = self.conns.get_mut(idx) else {
+            return;
+        };
+        c.sending = Some((bid, off, len));
+        let fd = c.stream.as_raw_fd();
+        let buf = &self.bufs.buf(bid)[off as usize..len as usize];
+        let e = opcode::Send::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud(KIND_SEND, idx));
+        self.push(e);
+    }
+
+    fn on_recv(&mut self, idx: usize, res: i32, flags: u32) {
+        let now = self.now;
+        let limit = self.config.buffer_size;
+        let Some(Some(c)) = self.conns.get_mut(idx) else {
+            return;
+        };
+        if !cqueue::more(flags) {
+            c.recv = Recv::Off;
+        }
+        if res > 0 {
+            let Some(bid) = cqueue::buffer_select(flags) else {
+                return;
+            };
+            self.bufs.free -= 1;
+            if c.closed {
+                self.bufs.give(bid);
+            } else {
+                c.last_active = now;
+                if c.sending.is_none() {
+                    self.send(idx, bid, 0, res as u32);
+                } else {
+                    c.queue.push_back((bid, res as u32));
+                    c.queued += res as usize;
+                    if c.queued >= limit && c.recv == Recv::Armed {
+                        c.recv = Recv::Stopping;
+                        let e = opcode::AsyncCancel::new(ud(KIND_RECV, idx))
+                            .build()
+                            .user_data(ud(KIND_IGNORE, 0));
+                        self.push(e);
+                    }
+                }
+            }
+        } else if res == 0 {
+            c.eof = true;
+            if !c.closed && c.sending.is_none() {
+                self.close(idx, Close::Done);
+            }
+        } else {
+            match -res {
+                libc::ECANCELED => {}
+                // Out of ring buffers: the tail below arms it again once
+                // some are back.
+                libc::ENOBUFS => {}
+                errno => {
+                    if !c.closed {
+                        self.close(idx, close_reason(errno));
+                    }
+                }
+            }
+        }
+        // A receive that ended (cancelled for backpressure after the
+        // queue drained, out of buffers, ended by the kernel) while the
+        // connection is idle is armed again here.
+        self.rearm(idx);
+        self.settle(idx);
+    }
+
+    fn on_send(&mut self, idx: usize, res: i32) {
+        let Some(Some(c)) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let Some((bid, off, len)) = c.sending.take() else {
+            return;
+        };
+        if c.closed {
+            self.bufs.give(bid);
+            self.settle(idx);
+            return;
+        }
+        if res < 0 && matches!(-res, libc::EINTR | libc::EAGAIN) {
+            self.send(idx, bid, off, len);
+            return;
+        }
+        if res <= 0 {
+            self.bufs.give(bid);
+            let why = if res == 0 {
+                Close::Reset
+            } else {
+                close_reason(-res)
+            };
+            self.close(idx, why);
+            self.settle(idx);
+            return;
+        }
+        c.last_active = self.now;
+        let off = off + res as u32;
+        if off < len {
+            self.send(idx, bid, off, len);
+            return;
+        }
+        self.bufs.give(bid);
+        if let Some((next, n)) = c.queue.pop_front() {
+            c.queued -= n as usize;
+            self.send(idx, next, 0, n);
+        } else if c.eof {
+            self.close(idx, Close::Done);
+            self.settle(idx);
+        } else {
+            self.rearm(idx);
+        }
+    }
+
+    /// Closes connection `idx` as far as the client is concerned: its
+    /// receive is cancelled, a stuck send is made to fail, its slot in the
+    /// count is released; the descriptor goes once nothing is in flight.
+    fn close(&mut self, idx: usize, why: Close) {
+        let Some(Some(c)) = self.conns.get_mut(idx) else {
+            return;
+        };
+        if c.closed {
+            return;
+        }
+        c.closed = true;
+        match why {
+            Close::Error(errno) => log::info!(
+                "connection from {}: {}; closed",
+                peer_of(&c.stream),
+                io::Error::from_raw_os_error(errno)
+            ),
+            _ => {
+                if log::log_enabled!(log::Level::Debug) {
+                    log::debug!("connection from {} closed ({why:?})", peer_of(&c.stream));
+                }
+            }
+        }
+        let fd = c.stream.as_raw_fd();
+        let ip = c.ip;
+        let recv = c.recv;
+        let sending = c.sending.is_some();
+        let queue = std::mem::take(&mut c.queue);
+        c.queued = 0;
+        if recv == Recv::Armed {
+            c.recv = Recv::Stopping;
+        }
+        for (bid, _) in queue {
+            self.bufs.give(bid);
+        }
+        if recv == Recv::Armed {
+            let e = opcode::AsyncCancel::new(ud(KIND_RECV, idx))
+                .build()
+                .user_data(ud(KIND_IGNORE, 0));
+            self.push(e);
+        }
+        if sending {
+            let e = opcode::Shutdown::new(types::Fd(fd), libc::SHUT_RDWR)
+                .build()
+                .user_data(ud(KIND_IGNORE, 0));
+            self.push(e);
+        }
+        if self.config.max_connections_per_ip > 0 {
+            self.seat.board.ip_sub(self.seat.slot, ip);
+        }
+        self.open -= 1;
+        while self.open < self.config.max_connections {
+            let Some(s) = self.parked.pop_front() else {
+                break;
+            };
+            self.admit(s);
+        }
+        if matches!(self.accepting, Accepting::Full | Accepting::Starved(_)) {
+            self.resume_or_log();
+        }
+    }
+
+    /// Frees the slot of a closed connection once none of its requests is
+    /// in flight, closing its descriptor through the ring.
+    fn settle(&mut self, idx: usize) {
+        let Some(Some(c)) = self.conns.get(idx) else {
+            return;
+        };
+        if !(c.closed && c.recv == Recv::Off && c.sending.is_none()) {
+            return;
+        }
+        let Some(c) = self.conns[idx].take() else {
+            return;
+        };
+        let fd = c.stream.into_raw_fd();
+        let e = opcode::Close::new(types::Fd(fd))
+            .build()
+            .user_data(ud(KIND_IGNORE, 0));
+        self.push(e);
+        self.free.push(idx);
+    }
+
+    fn close_idle(&mut self) {
+        let limit = self.config.idle_timeout.as_millis() as u64;
+        if limit == 0 {
+            return;
+        }
+        for idx in 0..self.conns.len() {
+            let Some(c) = self.conns[idx].as_ref() else {
+                continue;
+            };
+            if !c.closed && self.now.saturating_sub(c.last_active) >= limit {
+                if log::log_enabled!(log::Level::Debug) {
+                    log::debug!(
+                        "connection from {} idle for {} ms; closing",
+                        peer_of(&c.stream),
+                        self.now.saturating_sub(c.last_active)
+                    );
+                }
+                self.close(idx, Close::Done);
+                self.settle(idx);
+            }
+        }
+    }
+}
+
+fn tick_ms(config: &Config) -> u64 {
+    let timeout = config.worker_timeout.as_millis() as u64;
+    if timeout == 0 {
+        TICK_MS
+    } else {
+        (timeout / 3).clamp(10, TICK_MS)
+    }
+}
+
+fn close_reason(errno: i32) -> Close {
+    match errno {
+        libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED | libc::ETIMEDOUT => Close::Reset,
+        e => Close::Error(e),
+    }
+}
+
+fn peer_of(stream: &TcpStream) -> String {
+    stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "a client".into())
+}
