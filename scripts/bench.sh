@@ -4,7 +4,9 @@
 # Markdown table of the medians and the ratio echod / reference.
 #
 # Starts, per round: echod in prefork mode (workers = nproc), echod in fork
-# mode (for the connection-rate load only) and examples/tokio_echo.rs, each
+# mode (for the connection-rate load only), echod with the experimental
+# io_uring worker (after the other two, every round) and
+# examples/tokio_echo.rs, each
 # on 127.0.0.1:0 (the port is read from its log). Every process it starts is
 # stopped by PID on exit (trap): SIGINT to echod (fast stop), SIGTERM to the
 # reference, SIGKILL to whatever of their process trees is left after 10 s.
@@ -152,11 +154,12 @@ start_server() {
     done
 }
 
-echod_config() { # MODE -> path of a config file
-    local file=$tmp/echod-$1.toml
+echod_config() { # MODE [IO] -> path of a config file
+    local file=$tmp/echod-$1-${2:-epoll}.toml
     cat >"$file" <<EOF
 listen = ["127.0.0.1:0"]
 mode = "$1"
+io = "${2:-epoll}"
 workers = $(nproc)
 # The hold load keeps $HOLD connections open at once.
 max_connections = $((HOLD + 1000))
@@ -205,7 +208,7 @@ echo "bench: $ROUNDS rounds, ${DURATION} s per load after ${WARMUP} s warm-up, $
 
 for ((round = 1; round <= ROUNDS; round++)); do
     echo "bench: round $round of $ROUNDS" >&2
-    pre_port='' ref_port='' fork_port=''
+    pre_port='' ref_port='' fork_port='' uring_port=''
     if start_server echod-prefork "$echod" --config "$(echod_config prefork)"; then
         pre_pid=$server_pid pre_port=$server_port
     else
@@ -218,6 +221,12 @@ for ((round = 1; round <= ROUNDS; round++)); do
     fi
     if start_server echod-fork "$echod" --config "$(echod_config fork)"; then
         fork_pid=$server_pid fork_port=$server_port
+    else
+        failures=$((failures + 1))
+    fi
+    # The experimental io_uring worker, measured beside the epoll one.
+    if start_server echod-uring "$echod" --config "$(echod_config prefork io_uring)"; then
+        uring_pid=$server_pid uring_port=$server_port
     else
         failures=$((failures + 1))
     fi
@@ -234,15 +243,18 @@ for ((round = 1; round <= ROUNDS; round++)); do
             measure hold tokio "$ref_port" "$ref_pid" hold -n "$HOLD" -d "$HOLD_IDLE" -t "$THREADS"
         fi
     done
-    for s in "${order[@]}"; do
-        if [ "$s" = echod ] && [ -n "$pre_port" ]; then
+    for s in "${order[@]}" uring; do
+        if [ "$s" = uring ]; then
+            [ -z "$uring_port" ] || run_loads echod-uring "$uring_port" "$uring_pid"
+        elif [ "$s" = echod ] && [ -n "$pre_port" ]; then
             run_loads echod "$pre_port" "$pre_pid"
         elif [ "$s" = tokio ] && [ -n "$ref_port" ]; then
             run_loads tokio "$ref_port" "$ref_pid"
         fi
     done
-    for s in "${order[@]}" fork; do
+    for s in "${order[@]}" uring fork; do
         case $s in
+        uring) [ -z "$uring_port" ] || measure connrate echod-uring "$uring_port" "$uring_pid" connrate -c 8 -l 64 "${timed[@]}" ;;
         echod) [ -z "$pre_port" ] || measure connrate echod "$pre_port" "$pre_pid" connrate -c 8 -l 64 "${timed[@]}" ;;
         tokio) [ -z "$ref_port" ] || measure connrate tokio "$ref_port" "$ref_pid" connrate -c 8 -l 64 "${timed[@]}" ;;
         fork) [ -z "$fork_port" ] || measure connrate echod-fork "$fork_port" "$fork_pid" connrate -c 8 -l 64 "${timed[@]}" ;;
@@ -251,6 +263,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
 
     [ -z "$pre_port" ] || stop_server "$pre_pid" INT
     [ -z "$fork_port" ] || stop_server "$fork_pid" INT
+    [ -z "$uring_port" ] || stop_server "$uring_pid" INT
     [ -z "$ref_port" ] || stop_server "$ref_pid" TERM
 done
 
@@ -323,6 +336,12 @@ table=$out/table.md
     row "connrate 8 workers (prefork)" "server CPU us/conn" lower connrate server_cpu_us_per_msg 1
     row "connrate 8 workers (fork mode)" "conn/s" higher connrate conns_per_s 0 echod-fork
     row "connrate 8 workers (fork mode)" "server CPU us/conn" lower connrate server_cpu_us_per_msg 1 echod-fork
+    row "pingpong 64 B x 50 conns (io_uring)" "server CPU us/msg" lower pingpong50 server_cpu_us_per_msg 2 echod-uring
+    row "pingpong 64 B x 500 conns (io_uring)" "server CPU us/msg" lower pingpong500 server_cpu_us_per_msg 2 echod-uring
+    row "pingpong 64 B x 1 conn (io_uring)" "p99 us" lower pingpong1 rtt_p99_us 1 echod-uring
+    row "stream 4 conns x 64 KiB (io_uring)" "MB/s" higher stream mb_per_s 0 echod-uring
+    row "stream 4 conns x 64 KiB (io_uring)" "server CPU s/GB" lower stream server_cpu_s_per_gb 3 echod-uring
+    row "connrate 8 workers (io_uring)" "conn/s" higher connrate conns_per_s 0 echod-uring
     row "hold $HOLD idle conns" "server RSS KiB/conn" lower hold rss_kib_per_conn 2
     row "hold $HOLD idle conns" "server PSS KiB/conn" lower hold pss_kib_per_conn 2
 } >"$table"
