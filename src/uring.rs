@@ -44,7 +44,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 
@@ -56,7 +56,7 @@ use crate::listener::Listener;
 use crate::process::exit_code;
 use crate::scoreboard::{now_ms, IpKey};
 use crate::signals::SignalPipe;
-use crate::worker::Seat;
+use crate::worker::{tick_ms, Gate, Seat};
 
 /// Whether listeners get a multishot accept (one request for every
 /// connection) or a one-shot accept armed again after each connection.
@@ -269,7 +269,7 @@ struct Worker<'a> {
     ring: IoUring,
     bufs: BufRing,
     config: &'a Config,
-    seat: Seat<'a>,
+    gate: Gate<'a>,
     /// The listeners; each is closed, when draining, once its accept is no
     /// longer in flight (so no queued accept request can meet a closed or
     /// reused descriptor number).
@@ -288,8 +288,6 @@ struct Worker<'a> {
     starved: Vec<usize>,
     now: u64,
     last_starved_log: u64,
-    last_overload_log: u64,
-    refusals_logged: std::collections::HashMap<std::net::IpAddr, u64>,
     signal_fd: i32,
 }
 
@@ -307,7 +305,7 @@ pub fn run(
         ring: ring.ring,
         bufs: ring.bufs,
         config,
-        seat,
+        gate: Gate::new(config, seat),
         listeners: listeners.into_iter().map(Some).collect(),
         accept_armed: vec![false; n],
         accepting: Accepting::Full,
@@ -318,8 +316,6 @@ pub fn run(
         starved: Vec::new(),
         now: now_ms(),
         last_starved_log: 0,
-        last_overload_log: 0,
-        refusals_logged: std::collections::HashMap::new(),
         signal_fd: signals.as_fd().as_raw_fd(),
     };
     log::debug!("io_uring worker: {} receive buffers", w.bufs.entries);
@@ -352,10 +348,7 @@ impl Worker<'_> {
         let mut next_scan = self.now + tick;
         let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(256);
         loop {
-            self.seat
-                .board
-                .cell(self.seat.slot)
-                .beat(self.now, self.open);
+            self.gate.cell().beat(self.now, self.open);
             self.bufs.publish();
             let mut until = next_scan;
             if let Accepting::Starved(t) = self.accepting {
@@ -461,7 +454,7 @@ impl Worker<'_> {
             if !full {
                 self.admit(stream);
             } else if self.config.overload == Overload::Reject {
-                self.refuse_overload(stream);
+                self.gate.refuse_overload(stream, self.now);
             } else {
                 self.parked.push_back(stream);
             }
@@ -525,7 +518,7 @@ impl Worker<'_> {
                         if self.open < self.config.max_connections {
                             self.admit(stream);
                         } else if self.config.overload == Overload::Reject {
-                            self.refuse_overload(stream);
+                            self.gate.refuse_overload(stream, self.now);
                         } else {
                             self.parked.push_back(stream);
                         }
@@ -635,56 +628,11 @@ impl Worker<'_> {
         log::info!("draining {} connections", self.open + self.parked.len());
     }
 
-    fn refuse_overload(&mut self, stream: TcpStream) {
-        if self.now.saturating_sub(self.last_overload_log) >= 1000 {
-            self.last_overload_log = self.now;
-            log::warn!(
-                "max_connections ({}) reached: refusing {} (overload = \"reject\")",
-                self.config.max_connections,
-                peer_of(&stream)
-            );
-        }
-        drop(stream);
-    }
-
+    /// Applies the admission rules (see [`Gate`]), then serves the
+    /// connection or closes it at once.
     fn admit(&mut self, stream: TcpStream) {
-        let cap = self.config.max_connections_per_ip;
-        let mut key = IpKey::default();
-        if cap > 0 {
-            let peer = match stream.peer_addr() {
-                Ok(p) => p,
-                Err(e) => {
-                    log::debug!("getpeername: {e}");
-                    return;
-                }
-            };
-            let board = self.seat.board;
-            key = board.ip_key(peer.ip());
-            board.ip_add(self.seat.slot, key);
-            if board.ip_total(key) as usize > cap {
-                board.ip_sub(self.seat.slot, key);
-                drop(stream);
-                self.log_refusal(peer);
-                return;
-            }
-        }
-        self.add_conn(stream, key);
-    }
-
-    fn log_refusal(&mut self, peer: SocketAddr) {
-        let now = self.now;
-        if self.refusals_logged.len() > 4096 {
-            self.refusals_logged
-                .retain(|_, t| now.saturating_sub(*t) < 1000);
-        }
-        let last = self.refusals_logged.entry(peer.ip()).or_insert(0);
-        if *last == 0 || now.saturating_sub(*last) >= 1000 {
-            *last = now;
-            log::warn!(
-                "{} has max_connections_per_ip ({}) connections: refusing {peer}",
-                peer.ip(),
-                self.config.max_connections_per_ip
-            );
+        if let Some(key) = self.gate.admit(&stream, None, self.now) {
+            self.add_conn(stream, key);
         }
     }
 
@@ -710,14 +658,7 @@ impl Worker<'_> {
         });
         self.open += 1;
         self.arm_recv(idx);
-        let cell = self.seat.board.cell(self.seat.slot);
-        let served = cell.served_one();
-        let max = self.config.max_requests_per_worker;
-        if let (true, Some(master)) = (max > 0 && served == max, self.seat.master) {
-            log::info!("served {served} connections; asking to be recycled");
-            cell.ask_retire();
-            crate::signals::send(master, nix::sys::signal::Signal::SIGUSR2);
-        }
+        self.gate.served();
     }
 
     // --- moving bytes ----------------------------------------------------
@@ -913,9 +854,7 @@ impl Worker<'_> {
                 .user_data(ud(KIND_IGNORE, 0));
             self.push(e);
         }
-        if self.config.max_connections_per_ip > 0 {
-            self.seat.board.ip_sub(self.seat.slot, ip);
-        }
+        self.gate.release(ip);
         self.open -= 1;
         while self.open < self.config.max_connections {
             let Some(s) = self.parked.pop_front() else {
@@ -969,15 +908,6 @@ impl Worker<'_> {
                 self.settle(idx);
             }
         }
-    }
-}
-
-fn tick_ms(config: &Config) -> u64 {
-    let timeout = config.worker_timeout.as_millis() as u64;
-    if timeout == 0 {
-        TICK_MS
-    } else {
-        (timeout / 3).clamp(10, TICK_MS)
     }
 }
 

@@ -97,6 +97,135 @@ impl crate::echo::Io for SocketIo<'_> {
     }
 }
 
+/// The admission rules both worker loops (epoll here, io_uring in
+/// [`crate::uring`]) apply to an accepted connection, with their
+/// rate-limited log lines: `overload = "reject"`, `max_connections_per_ip`
+/// (counted across every worker in the scoreboard), and the served count
+/// behind recycling.
+pub(crate) struct Gate<'a> {
+    config: &'a Config,
+    seat: Seat<'a>,
+    /// When each refused address was last logged (at most once a second
+    /// per address; pruned as it grows).
+    refusals_logged: std::collections::HashMap<std::net::IpAddr, u64>,
+    last_overload_log: u64,
+}
+
+impl<'a> Gate<'a> {
+    pub(crate) fn new(config: &'a Config, seat: Seat<'a>) -> Gate<'a> {
+        Gate {
+            config,
+            seat,
+            refusals_logged: std::collections::HashMap::new(),
+            last_overload_log: 0,
+        }
+    }
+
+    /// `overload = "reject"` at `max_connections`: the connection is
+    /// accepted and closed at once, so the client learns right away instead
+    /// of waiting in the backlog.
+    pub(crate) fn refuse_overload(&mut self, stream: TcpStream, now: u64) {
+        if now.saturating_sub(self.last_overload_log) >= 1000 {
+            self.last_overload_log = now;
+            log::warn!(
+                "max_connections ({}) reached: refusing {} (overload = \"reject\")",
+                self.config.max_connections,
+                peer_of(&stream)
+            );
+        }
+    }
+
+    /// Applies `max_connections_per_ip` to a connection from `peer` (asked
+    /// of the socket if not given). `Some(key)`: admitted and counted under
+    /// `key`; `None`: refused (the caller drops it, which closes it) and
+    /// logged at most once a second per address.
+    pub(crate) fn admit(
+        &mut self,
+        stream: &TcpStream,
+        peer: Option<SocketAddr>,
+        now: u64,
+    ) -> Option<IpKey> {
+        let cap = self.config.max_connections_per_ip;
+        if cap == 0 {
+            return Some(IpKey::default());
+        }
+        let peer = match peer.map_or_else(|| stream.peer_addr(), Ok) {
+            Ok(p) => p,
+            Err(e) => {
+                log::debug!("getpeername: {e}");
+                return None;
+            }
+        };
+        let board = self.seat.board;
+        let key = board.ip_key(peer.ip());
+        // Count first, then check: two workers admitting the same address at
+        // once both see both counts, so neither lets the address past its
+        // cap (at worst both refuse).
+        board.ip_add(self.seat.slot, key);
+        if board.ip_total(key) as usize <= cap {
+            return Some(key);
+        }
+        board.ip_sub(self.seat.slot, key);
+        if self.refusals_logged.len() > 4096 {
+            self.refusals_logged
+                .retain(|_, t| now.saturating_sub(*t) < 1000);
+        }
+        let last = self.refusals_logged.entry(peer.ip()).or_insert(0);
+        if *last == 0 || now.saturating_sub(*last) >= 1000 {
+            *last = now;
+            log::warn!(
+                "{} has max_connections_per_ip ({cap}) connections: refusing {peer}",
+                peer.ip()
+            );
+        }
+        None
+    }
+
+    /// Takes a closed connection out of the per-address count.
+    pub(crate) fn release(&self, key: IpKey) {
+        if self.config.max_connections_per_ip > 0 {
+            self.seat.board.ip_sub(self.seat.slot, key);
+        }
+    }
+
+    /// Counts a served connection; at `max_requests_per_worker`, asks the
+    /// master to recycle this worker and wakes it.
+    pub(crate) fn served(&self) {
+        let cell = self.cell();
+        let served = cell.served_one();
+        let max = self.config.max_requests_per_worker;
+        if let (true, Some(master)) = (max > 0 && served == max, self.seat.master) {
+            log::info!("served {served} connections; asking to be recycled");
+            cell.ask_retire();
+            // Wake the master now rather than at its next tick.
+            crate::signals::send(master, nix::sys::signal::Signal::SIGUSR2);
+        }
+    }
+
+    /// This worker's scoreboard cell.
+    pub(crate) fn cell(&self) -> &'a crate::scoreboard::Cell {
+        self.seat.board.cell(self.seat.slot)
+    }
+}
+
+/// The heartbeat and idle-scan period: a second, or a third of
+/// `worker_timeout`, or a quarter of `idle_timeout`, whichever is shortest
+/// (at least 10 ms): an idle but healthy worker always beats well within
+/// its timeout, and an idle connection is closed at most a quarter of
+/// `idle_timeout` late.
+pub(crate) fn tick_ms(config: &Config) -> u64 {
+    let mut tick = TICK_MS;
+    let heartbeat = config.worker_timeout.as_millis() as u64;
+    if heartbeat > 0 {
+        tick = tick.min(heartbeat / 3);
+    }
+    let idle = config.idle_timeout.as_millis() as u64;
+    if idle > 0 {
+        tick = tick.min(idle / 4);
+    }
+    tick.clamp(10, TICK_MS)
+}
+
 /// Why accepting is off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Accepting {
@@ -121,13 +250,9 @@ struct Worker<'a> {
     open: usize,
     scratch: Vec<u8>,
     accepting: Accepting,
-    seat: Seat<'a>,
+    gate: Gate<'a>,
     now: u64,
     last_starved_log: u64,
-    /// When each refused address was last logged (at most once a second
-    /// per address; pruned as it grows).
-    refusals_logged: std::collections::HashMap<std::net::IpAddr, u64>,
-    last_overload_log: u64,
 }
 
 /// Runs the worker until it has drained or is told to exit; returns the
@@ -182,11 +307,9 @@ impl<'a> Worker<'a> {
             open: 0,
             scratch: vec![0; config.buffer_size],
             accepting: Accepting::Full,
-            seat,
+            gate: Gate::new(config, seat),
             now: now_ms(),
             last_starved_log: 0,
-            refusals_logged: std::collections::HashMap::new(),
-            last_overload_log: 0,
         };
         w.resume_accepting()?;
         Ok(w)
@@ -194,13 +317,10 @@ impl<'a> Worker<'a> {
 
     fn run(&mut self, signals: &mut SignalPipe) -> i32 {
         let mut events = vec![EpollEvent::empty(); 256];
-        let tick = self.tick_ms();
+        let tick = tick_ms(self.config);
         let mut next_scan = self.now + tick;
         loop {
-            self.seat
-                .board
-                .cell(self.seat.slot)
-                .beat(self.now, self.open);
+            self.gate.cell().beat(self.now, self.open);
             let timeout = self.wait_ms(next_scan);
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
@@ -251,24 +371,6 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// The heartbeat and idle-scan period: a second, or a third of
-    /// `worker_timeout`, or a quarter of `idle_timeout`, whichever is
-    /// shortest (at least 10 ms): an idle but healthy worker always beats
-    /// well within its timeout, and an idle connection is closed at most a
-    /// quarter of `idle_timeout` late.
-    fn tick_ms(&self) -> u64 {
-        let mut tick = TICK_MS;
-        let heartbeat = self.config.worker_timeout.as_millis() as u64;
-        if heartbeat > 0 {
-            tick = tick.min(heartbeat / 3);
-        }
-        let idle = self.config.idle_timeout.as_millis() as u64;
-        if idle > 0 {
-            tick = tick.min(idle / 4);
-        }
-        tick.clamp(10, TICK_MS)
-    }
-
     /// Milliseconds until the next timer: the idle scan / heartbeat tick or
     /// the end of an accept pause.
     fn wait_ms(&self, next_scan: u64) -> u16 {
@@ -293,8 +395,12 @@ impl<'a> Worker<'a> {
                 return;
             };
             match listener.accept() {
-                Ok((stream, peer)) if full => self.refuse_overload(stream, peer),
-                Ok((stream, peer)) => self.admit(stream, peer),
+                Ok((stream, _)) if full => self.gate.refuse_overload(stream, self.now),
+                Ok((stream, peer)) => {
+                    if let Some(key) = self.gate.admit(&stream, Some(peer), self.now) {
+                        self.add_conn(stream, peer, key);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
@@ -318,60 +424,6 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// `overload = "reject"` at `max_connections`: the connection is
-    /// accepted and closed at once, so the client learns right away instead
-    /// of waiting in the backlog.
-    fn refuse_overload(&mut self, stream: TcpStream, peer: SocketAddr) {
-        drop(stream);
-        if self.now.saturating_sub(self.last_overload_log) >= 1000 {
-            self.last_overload_log = self.now;
-            log::warn!(
-                "max_connections ({}) reached: refusing {peer} (overload = \"reject\")",
-                self.config.max_connections
-            );
-        }
-    }
-
-    /// Applies `max_connections_per_ip` (counted across every worker in
-    /// the scoreboard), then serves the connection or closes it at once.
-    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
-        let cap = self.config.max_connections_per_ip;
-        let mut key = IpKey::default();
-        if cap > 0 {
-            let board = self.seat.board;
-            key = board.ip_key(peer.ip());
-            // Count first, then check: two workers admitting the same
-            // address at once both see both counts, so neither lets the
-            // address past its cap (at worst both refuse).
-            board.ip_add(self.seat.slot, key);
-            if board.ip_total(key) as usize > cap {
-                board.ip_sub(self.seat.slot, key);
-                drop(stream);
-                self.log_refusal(peer);
-                return;
-            }
-        }
-        self.add_conn(stream, peer, key);
-    }
-
-    /// Logs a per-address refusal at most once a second per address.
-    fn log_refusal(&mut self, peer: SocketAddr) {
-        let now = self.now;
-        if self.refusals_logged.len() > 4096 {
-            self.refusals_logged
-                .retain(|_, t| now.saturating_sub(*t) < 1000);
-        }
-        let last = self.refusals_logged.entry(peer.ip()).or_insert(0);
-        if *last == 0 || now.saturating_sub(*last) >= 1000 {
-            *last = now;
-            log::warn!(
-                "{} has max_connections_per_ip ({}) connections: refusing {peer}",
-                peer.ip(),
-                self.config.max_connections_per_ip
-            );
-        }
-    }
-
     fn add_conn(&mut self, stream: TcpStream, peer: SocketAddr, ip: IpKey) {
         // Echo is latency-bound: never let Nagle hold back a short echo.
         let _ = stream.set_nodelay(true);
@@ -383,7 +435,7 @@ impl<'a> Worker<'a> {
         if let Err(e) = self.epoll.add(stream.as_fd(), ev) {
             log::warn!("epoll_ctl(ADD) for {peer}: {e}; closing it");
             self.free.push(idx);
-            self.uncount(ip);
+            self.gate.release(ip);
             return;
         }
         log::debug!("connection from {peer}");
@@ -395,22 +447,7 @@ impl<'a> Worker<'a> {
             ip,
         });
         self.open += 1;
-        let cell = self.seat.board.cell(self.seat.slot);
-        let served = cell.served_one();
-        let max = self.config.max_requests_per_worker;
-        if let (true, Some(master)) = (max > 0 && served == max, self.seat.master) {
-            log::info!("served {served} connections; asking to be recycled");
-            cell.ask_retire();
-            // Wake the master now rather than at its next tick.
-            crate::signals::send(master, nix::sys::signal::Signal::SIGUSR2);
-        }
-    }
-
-    /// Takes a closed connection out of the per-address count.
-    fn uncount(&self, ip: IpKey) {
-        if self.config.max_connections_per_ip > 0 {
-            self.seat.board.ip_sub(self.seat.slot, ip);
-        }
+        self.gate.served();
     }
 
     /// Moves bytes on connection `idx` according to its readiness.
@@ -470,7 +507,7 @@ impl<'a> Worker<'a> {
             ),
             _ => log::debug!("connection from {} closed ({why:?})", peer_of(&conn.stream)),
         }
-        self.uncount(conn.ip);
+        self.gate.release(conn.ip);
         drop(conn);
         self.free.push(idx);
         self.open -= 1;
