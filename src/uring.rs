@@ -56,7 +56,7 @@ use crate::listener::Listener;
 use crate::process::exit_code;
 use crate::scoreboard::{now_ms, IpKey};
 use crate::signals::SignalPipe;
-use crate::worker::{tick_ms, Gate, Seat};
+use crate::worker::{on_signal, tick_ms, Gate, Seat, Signaled};
 
 /// Whether listeners get a multishot accept (one request for every
 /// connection) or a one-shot accept armed again after each connection.
@@ -386,19 +386,10 @@ impl Worker<'_> {
                             self.arm_signals();
                         }
                         for sig in signals.pending() {
-                            if sig == libc::SIGTERM {
-                                self.start_draining();
-                            } else if sig == libc::SIGUSR1 {
-                                if let Err(e) = crate::logging::reopen() {
-                                    log::error!("SIGUSR1: {e}");
-                                }
-                            } else {
-                                log::info!(
-                                    "{}: closing {} connections and exiting",
-                                    crate::signals::name(sig),
-                                    self.open + self.parked.len()
-                                );
-                                return exit_code::OK;
+                            match on_signal(sig, self.open + self.parked.len()) {
+                                Signaled::Drain => self.start_draining(),
+                                Signaled::Exit => return exit_code::OK,
+                                Signaled::Done => {}
                             }
                         }
                     }

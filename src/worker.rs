@@ -226,6 +226,37 @@ pub(crate) fn tick_ms(config: &Config) -> u64 {
     tick.clamp(10, TICK_MS)
 }
 
+/// What a worker loop does after a signal (see [`on_signal`]).
+pub(crate) enum Signaled {
+    /// `SIGTERM`: stop accepting and finish the open connections.
+    Drain,
+    /// `SIGINT`/`SIGQUIT`: close everything and exit now.
+    Exit,
+    /// Handled here (`SIGUSR1`: the log file was reopened).
+    Done,
+}
+
+/// The meaning of a signal to a worker, the same for both loops (epoll
+/// here, io_uring in [`crate::uring`]); `open` is for the exit log line.
+pub(crate) fn on_signal(sig: i32, open: usize) -> Signaled {
+    match sig {
+        libc::SIGTERM => Signaled::Drain,
+        libc::SIGUSR1 => {
+            if let Err(e) = crate::logging::reopen() {
+                log::error!("SIGUSR1: {e}");
+            }
+            Signaled::Done
+        }
+        _ => {
+            log::info!(
+                "{}: closing {open} connections and exiting",
+                crate::signals::name(sig)
+            );
+            Signaled::Exit
+        }
+    }
+}
+
 /// Why accepting is off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Accepting {
@@ -335,19 +366,10 @@ impl<'a> Worker<'a> {
                 match ev.data() {
                     TOKEN_SIGNALS => {
                         for sig in signals.pending() {
-                            if sig == libc::SIGTERM {
-                                self.start_draining();
-                            } else if sig == libc::SIGUSR1 {
-                                if let Err(e) = crate::logging::reopen() {
-                                    log::error!("SIGUSR1: {e}");
-                                }
-                            } else {
-                                log::info!(
-                                    "{}: closing {} connections and exiting",
-                                    crate::signals::name(sig),
-                                    self.open
-                                );
-                                return exit_code::OK;
+                            match on_signal(sig, self.open) {
+                                Signaled::Drain => self.start_draining(),
+                                Signaled::Exit => return exit_code::OK,
+                                Signaled::Done => {}
                             }
                         }
                     }

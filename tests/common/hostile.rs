@@ -12,10 +12,10 @@
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use crate::common::{children_of, comm, ECHOD};
+use crate::common::{children_of, comm};
 
 /// The fields of `/proc/PID/stat` after the `(comm)` field, which may
 /// itself hold spaces and parentheses: index 0 is the state (field 3).
@@ -211,16 +211,8 @@ pub struct Check {
 /// waits for it at most `limit`; on timeout it is killed by pid and the
 /// call panics.
 pub fn check_config(path: &std::path::Path, nobody: bool, limit: Duration) -> Check {
-    let mut cmd = Command::new(ECHOD);
-    cmd.arg("-t")
-        .arg("--config")
-        .arg(path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID");
+    let mut cmd = crate::common::echod_command();
+    cmd.arg("-t").arg("--config").arg(path);
     // SAFETY: geteuid has no preconditions.
     if nobody && unsafe { libc::geteuid() } == 0 {
         // SAFETY: only async-signal-safe syscalls between fork and exec.

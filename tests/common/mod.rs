@@ -16,6 +16,21 @@ use std::time::{Duration, Instant};
 /// The binary under test.
 pub const ECHOD: &str = env!("CARGO_BIN_EXE_echod");
 
+/// The echod binary with stdin closed, stdout and stderr piped, and none
+/// of the service manager's variables (the test run may itself be under
+/// systemd) inherited.
+pub fn echod_command() -> Command {
+    let mut cmd = Command::new(ECHOD);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("JOURNAL_STREAM");
+    cmd
+}
+
 /// A private temporary directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -118,17 +133,8 @@ impl Echod {
         let dir = TempDir::new("echod");
         let config_path = dir.path("echod.toml");
         std::fs::write(&config_path, s.config).expect("write config");
-        let mut cmd = Command::new(ECHOD);
-        cmd.arg("--config")
-            .arg(&config_path)
-            .args(&s.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("JOURNAL_STREAM");
+        let mut cmd = echod_command();
+        cmd.arg("--config").arg(&config_path).args(&s.args);
         for (k, v) in &s.env {
             cmd.env(k, v);
         }
@@ -538,17 +544,7 @@ impl Run {
 /// `timeout` for it to exit by itself; on timeout it is killed by PID and
 /// the call panics. For `--help`, `-t` and the start-up failures.
 pub fn run_echod<S: AsRef<std::ffi::OsStr>>(args: &[S], timeout: Duration) -> Run {
-    let mut child = Command::new(ECHOD)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("JOURNAL_STREAM")
-        .spawn()
-        .expect("spawn echod");
+    let mut child = echod_command().args(args).spawn().expect("spawn echod");
     let read_all = |r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut r = r;
