@@ -56,7 +56,7 @@ use crate::listener::Listener;
 use crate::process::exit_code;
 use crate::scoreboard::{now_ms, IpKey};
 use crate::signals::SignalPipe;
-use crate::worker::{on_signal, tick_ms, Gate, Seat, Signaled};
+use crate::worker::{on_signal, tick_ms, Accepting, Gate, Seat, Signaled};
 
 /// Whether listeners get a multishot accept (one request for every
 /// connection) or a one-shot accept armed again after each connection.
@@ -255,14 +255,6 @@ struct Conn {
     /// Closed as far as the worker is concerned; the descriptor is closed
     /// when nothing is in flight any more.
     closed: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Accepting {
-    On,
-    Full,
-    Starved(u64),
-    Closed,
 }
 
 struct Worker<'a> {

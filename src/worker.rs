@@ -257,10 +257,10 @@ pub(crate) fn on_signal(sig: i32, open: usize) -> Signaled {
     }
 }
 
-/// Why accepting is off.
+/// Why accepting is off (both worker loops).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Accepting {
-    /// Listeners are registered in epoll.
+pub(crate) enum Accepting {
+    /// Listeners are registered (in epoll, or an accept is in the ring).
     On,
     /// `max_connections` reached: resume when a connection closes.
     Full,
