@@ -543,14 +543,11 @@ fn per_ip_cap(mode: &str, extra: &str, cap: usize, others: usize, refusal: &str,
     if mode == "prefork" {
         // The cap is counted across workers: this test only means something
         // if the address's connections are spread over both.
-        let ports: Vec<u16> = mine
-            .iter()
-            .map(|s| s.local_addr().unwrap().port())
-            .collect();
+        let peers: Vec<SocketAddr> = mine.iter().map(|s| s.local_addr().unwrap()).collect();
         let workers = e.workers();
         let holding = tcp_sockets_of_each(&workers)
             .values()
-            .filter(|socks| socks.iter().any(|s| ports.contains(&s.remote_port)))
+            .filter(|socks| socks.iter().any(|s| peers.contains(&s.remote)))
             .count();
         assert_eq!(
             holding, 2,
@@ -761,28 +758,25 @@ fn prefork_killed_workers_per_ip_counts_are_released() {
             s
         })
         .collect();
-    let ports: Vec<u16> = mine
-        .iter()
-        .map(|s| s.local_addr().unwrap().port())
-        .collect();
+    let peers: Vec<SocketAddr> = mine.iter().map(|s| s.local_addr().unwrap()).collect();
     let held = tcp_sockets_of_each(&e.workers());
-    let (victim, cut_ports) = held
+    let (victim, cut_peers) = held
         .iter()
         .map(|(w, socks)| {
-            let p: Vec<u16> = socks
+            let p: Vec<SocketAddr> = socks
                 .iter()
-                .map(|s| s.remote_port)
-                .filter(|p| ports.contains(p))
+                .map(|s| s.remote)
+                .filter(|p| peers.contains(p))
                 .collect();
             (*w, p)
         })
         .max_by_key(|(_, p)| p.len())
         .expect("workers");
-    assert!(!cut_ports.is_empty(), "no worker holds 127.0.0.2: {held:?}");
+    assert!(!cut_peers.is_empty(), "no worker holds 127.0.0.2: {held:?}");
     kill(victim, libc::SIGKILL);
     let (cut, kept): (Vec<TcpStream>, Vec<TcpStream>) = mine
         .drain(..)
-        .partition(|s| cut_ports.contains(&s.local_addr().unwrap().port()));
+        .partition(|s| cut_peers.contains(&s.local_addr().unwrap()));
     for mut s in cut {
         assert!(
             wait_closed(&mut s, Duration::from_secs(3)).is_some(),
@@ -790,12 +784,12 @@ fn prefork_killed_workers_per_ip_counts_are_released() {
         );
     }
     let mut again = Vec::new();
-    for i in 0..cut_ports.len() {
+    for i in 0..cut_peers.len() {
         let (s, _) =
             connect_when_admitted(ip(2), addr, Duration::from_secs(5)).unwrap_or_else(|err| {
                 panic!(
                     "127.0.0.2 not readmitted ({i} of {}) after its worker was killed: {err}\n{}",
-                    cut_ports.len(),
+                    cut_peers.len(),
                     e.log()
                 )
             });

@@ -54,22 +54,22 @@ fn open_burst(addrs: &[SocketAddr], n: usize, seed: u64) -> Vec<TcpStream> {
         .collect()
 }
 
-/// Which process holds each client connection, by the client's port: every
-/// established socket on a server port held by one of `pids`.
-fn holders(pids: &[i32], server_ports: &[u16]) -> HashMap<u16, Vec<i32>> {
-    let mut out: HashMap<u16, Vec<i32>> = HashMap::new();
+/// Which process holds each client connection, by the client's address:
+/// every established socket on a server port held by one of `pids`.
+fn holders(pids: &[i32], server_ports: &[u16]) -> HashMap<SocketAddr, Vec<i32>> {
+    let mut out: HashMap<SocketAddr, Vec<i32>> = HashMap::new();
     for (p, socks) in tcp_sockets_of_each(pids) {
         for s in socks {
             if s.state == "01" && server_ports.contains(&s.local_port) {
-                out.entry(s.remote_port).or_default().push(p);
+                out.entry(s.remote).or_default().push(p);
             }
         }
     }
     out
 }
 
-fn client_port(s: &TcpStream) -> u16 {
-    s.local_addr().unwrap().port()
+fn client_addr(s: &TcpStream) -> SocketAddr {
+    s.local_addr().unwrap()
 }
 
 /// Asserts the connection was closed by the server side: end of stream or
@@ -130,7 +130,7 @@ fn prefork_pool_is_exactly_workers_and_a_killed_worker_is_replaced() {
         }
     }
     for s in &conns {
-        let h = held.get(&client_port(s)).cloned().unwrap_or_default();
+        let h = held.get(&client_addr(s)).cloned().unwrap_or_default();
         assert_eq!(h.len(), 1, "connection {:?} held by {h:?}", s.local_addr());
     }
     let mut per_worker: HashMap<i32, usize> = HashMap::new();
@@ -189,7 +189,7 @@ fn prefork_pool_is_exactly_workers_and_a_killed_worker_is_replaced() {
     eprintln!("worker {victim} replaced by {fresh} in {took:?}");
 
     for (i, s) in conns.iter_mut().enumerate() {
-        let port = client_port(s);
+        let port = client_addr(s);
         if held[&port][0] == victim {
             assert_closed_by_server(
                 s,
@@ -430,7 +430,7 @@ fn fork_mode_child_holds_only_its_own_connection() {
     let addrs = e.addrs();
     let server_ports = ports(&addrs);
     let conns = open_burst(&addrs, 5, 3);
-    let mut clients: Vec<u16> = conns.iter().map(client_port).collect();
+    let mut clients: Vec<SocketAddr> = conns.iter().map(client_addr).collect();
     clients.sort_unstable();
     assert!(
         wait_until(Duration::from_secs(5), || e.children().len() == conns.len()),
@@ -458,7 +458,7 @@ fn fork_mode_child_holds_only_its_own_connection() {
         );
         assert!(server_ports.contains(&s.local_port), "child {k}: {s:?}");
         assert!(
-            clients.contains(&s.remote_port),
+            clients.contains(&s.remote),
             "child {k} serves no client of ours: {s:?}"
         );
         let sockets = socket_inodes(k);
@@ -468,7 +468,7 @@ fn fork_mode_child_holds_only_its_own_connection() {
             "child {k} holds other sockets; fds {:?}",
             fd_targets(k)
         );
-        served.push(s.remote_port);
+        served.push(s.remote);
     }
     served.sort_unstable();
     assert_eq!(served, clients, "each client served by exactly one child");
@@ -539,7 +539,7 @@ fn prefork_worker_holds_no_other_workers_descriptors() {
     all.push(e.pid);
     let held = holders(&all, &server_ports);
     for s in &conns {
-        let h = held.get(&client_port(s)).cloned().unwrap_or_default();
+        let h = held.get(&client_addr(s)).cloned().unwrap_or_default();
         assert_eq!(h.len(), 1, "connection {:?} held by {h:?}", s.local_addr());
         assert_ne!(h[0], e.pid, "the master holds a client connection");
     }

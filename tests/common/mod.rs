@@ -409,7 +409,10 @@ pub struct TcpSocket {
     /// `0A` is LISTEN, `01` ESTABLISHED.
     pub state: String,
     pub local_port: u16,
-    pub remote_port: u16,
+    /// The peer's full address: a port alone does not name a connection
+    /// (an IPv4 and an IPv6 client, or 127.0.0.1 and 127.0.0.2, may share
+    /// one).
+    pub remote: SocketAddr,
 }
 
 impl TcpSocket {
@@ -442,18 +445,41 @@ pub fn tcp_sockets() -> std::collections::HashMap<u64, TcpSocket> {
             if inode == 0 {
                 continue;
             }
+            let Some(remote) = proc_net_addr(cols[2]) else {
+                continue;
+            };
             out.insert(
                 inode,
                 TcpSocket {
                     inode,
                     state: cols[3].to_string(),
                     local_port: port(cols[1]),
-                    remote_port: port(cols[2]),
+                    remote,
                 },
             );
         }
     }
     out
+}
+
+/// Parses an address of `/proc/net/tcp{,6}`: `0100007F:1F90` or 32 hex
+/// digits, a colon and the port. The address is printed as 32-bit words in
+/// the host's byte order, each word holding four bytes of the address as
+/// they lie in memory (network order).
+fn proc_net_addr(s: &str) -> Option<SocketAddr> {
+    let (host, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for i in (0..host.len()).step_by(8) {
+        let word = u32::from_str_radix(host.get(i..i + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip: std::net::IpAddr = match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok()?.into(),
+        16 => <[u8; 16]>::try_from(bytes).ok()?.into(),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// The TCP sockets `pid` holds.
