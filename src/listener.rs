@@ -110,6 +110,18 @@ impl Listener {
     pub fn set_backlog(&self, backlog: i32) -> std::io::Result<()> {
         self.socket.listen(backlog)
     }
+
+    /// Stops listening now, for every process that shares the socket:
+    /// `shutdown(SHUT_RD)` on a listening TCP socket resets what waits in
+    /// its queue and takes it out of the listening table, so the port can be
+    /// bound again (with `SO_REUSEADDR`) even while some reference to the
+    /// socket lives on. Closing a descriptor does not do that while another
+    /// one is open: a killed worker's `io_uring` is torn down by the kernel
+    /// after the process is gone, and an accept request still in it keeps
+    /// the socket listening meanwhile.
+    pub fn stop_listening(&self) -> std::io::Result<()> {
+        self.socket.shutdown(std::net::Shutdown::Read)
+    }
 }
 
 impl AsFd for Listener {

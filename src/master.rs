@@ -107,6 +107,9 @@ pub struct Master {
     per_ip: HashMap<IpAddr, usize>,
     /// Fork mode: when each refused address was last logged.
     refusals_logged: HashMap<IpAddr, Instant>,
+    /// A fast stop's listeners, kept until every child is reaped and then
+    /// shut down (see [`Master::finished`]).
+    unlisten_at_exit: Vec<Listener>,
 }
 
 /// Everything the launcher prepared for the master.
@@ -172,6 +175,7 @@ impl Master {
             per_ip: HashMap::new(),
             refusals_logged: HashMap::new(),
             daemonized,
+            unlisten_at_exit: Vec::new(),
         })
     }
 
@@ -445,7 +449,14 @@ impl Master {
     fn begin_stop(&mut self, graceful: bool) {
         self.state = State::Stopping { graceful };
         self.notifier.stopping();
-        self.listeners.clear();
+        // The master's descriptors go now; the workers close theirs as
+        // they drain or die. After a fast stop the sockets are also shut
+        // down once the children are reaped; sockets systemd passed are
+        // left listening (it keeps them for the next start).
+        let listeners = std::mem::take(&mut self.listeners);
+        if !graceful && !self.activated {
+            self.unlisten_at_exit = listeners;
+        }
         let now = Instant::now();
         if graceful {
             let deadline = now + self.config.shutdown_timeout;
@@ -931,6 +942,14 @@ impl Master {
     /// the pid file.
     fn finished(&mut self) -> Option<i32> {
         if matches!(self.state, State::Stopping { .. }) && self.table.is_empty() {
+            // A killed io_uring worker's accept requests can keep its
+            // listening sockets open after it is reaped, and an immediate
+            // restart would then fail with "Address already in use".
+            for l in std::mem::take(&mut self.unlisten_at_exit) {
+                if let Err(e) = l.stop_listening() {
+                    log::debug!("shutdown {}: {e}", l.local);
+                }
+            }
             self.pidfile.take();
             log::info!("master (pid {}) exiting", self.pid);
             return Some(self.exit_code);
