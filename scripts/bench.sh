@@ -7,7 +7,11 @@
 # mode (for the connection-rate load only), echod with the experimental
 # io_uring worker (after the other two, every round) and
 # examples/tokio_echo.rs, each
-# on 127.0.0.1:0 (the port is read from its log). Every process it starts is
+# on 127.0.0.1:0 (the port is read from its log). Then, side by side, the
+# CPU loads run against echod and the reference at the same moment (two
+# echod-bench processes started together), so that both servers see the same
+# machine: the ratio of each such pair is kept, and the table gives the
+# median of those ratios. Every process it starts is
 # stopped by PID on exit (trap): SIGINT to echod (fast stop), SIGTERM to the
 # reference, SIGKILL to whatever of their process trees is left after 10 s.
 # Never pkill/killall.
@@ -109,8 +113,14 @@ stop_server() {
     live_pids=("${keep[@]+"${keep[@]}"}")
 }
 
+# The PIDs of echod-bench clients running in the background (side by side).
+client_pids=()
+
 cleanup() {
     local pid
+    for pid in "${client_pids[@]+"${client_pids[@]}"}"; do
+        kill -s KILL "$pid" 2>/dev/null || true
+    done
     for pid in "${live_pids[@]+"${live_pids[@]}"}"; do
         stop_server "$pid" INT
     done
@@ -203,6 +213,51 @@ run_loads() {
     measure stream "$s" "$port" "$pid" stream -c 4 -l 65536 "${timed[@]}"
 }
 
+# Side by side: half the client threads for each of the two servers.
+pair_threads=$(((THREADS + 1) / 2))
+paired=(-d "$DURATION" --warmup "$WARMUP" -t "$pair_threads")
+
+# measure_pair LOAD SERVER PORT PID ARGS...: runs the same echod-bench load
+# against SERVER and the reference at the same moment and keeps both JSONs,
+# marked with the pair they belong to ("pair":SERVER), as load "pair-LOAD".
+measure_pair() {
+    local load=$1 server=$2 port=$3 pid=$4 e t erc=0 trc=0 json s rc
+    shift 4
+    "$bench" "$@" -a "127.0.0.1:$port" --server-pid "$pid" --json >"$tmp/pair-e.json" &
+    e=$!
+    "$bench" "$@" -a "127.0.0.1:$ref_port" --server-pid "$ref_pid" --json >"$tmp/pair-t.json" &
+    t=$!
+    client_pids=("$e" "$t")
+    wait "$e" || erc=$?
+    wait "$t" || trc=$?
+    client_pids=()
+    local beside
+    for s in "$server" tokio; do
+        if [ "$s" = tokio ]; then
+            json=$(cat "$tmp/pair-t.json") rc=$trc beside=$server
+        else
+            json=$(cat "$tmp/pair-e.json") rc=$erc beside=tokio
+        fi
+        printf '{"round":%d,"load":"pair-%s","server":"%s","pair":"%s","rc":%d,"result":%s}\n' \
+            "$round" "$load" "$s" "$server" "$rc" "${json:-null}" >>"$results"
+        if [ "$rc" -ne 0 ]; then
+            failures=$((failures + 1))
+            echo "bench: round $round: $load beside $server, against $s, failed (exit $rc): $(field "$json" first_error)" >&2
+        fi
+        printf '  %-13s %-12s %s\n' "$load" "$s" \
+            "(beside $beside) $(field "$json" msgs_per_s) msgs/s  $(field "$json" mb_per_s) MB/s  cpu $(field "$json" server_cpu_us_per_msg) us/msg" >&2
+    done
+}
+
+# run_pairs SERVER PORT PID: the side-by-side loads.
+run_pairs() {
+    local s=$1 port=$2 pid=$3
+    [ -n "$ref_port" ] || return 0
+    measure_pair pingpong50 "$s" "$port" "$pid" pingpong -c 50 -l 64 "${paired[@]}"
+    measure_pair pingpong500 "$s" "$port" "$pid" pingpong -c 500 -l 64 "${paired[@]}"
+    measure_pair stream "$s" "$port" "$pid" stream -c 4 -l 65536 "${paired[@]}"
+}
+
 echo "bench: $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1), Linux $(uname -r)" >&2
 echo "bench: $ROUNDS rounds, ${DURATION} s per load after ${WARMUP} s warm-up, $THREADS client threads" >&2
 
@@ -260,6 +315,11 @@ for ((round = 1; round <= ROUNDS; round++)); do
         fork) [ -z "$fork_port" ] || measure connrate echod-fork "$fork_port" "$fork_pid" connrate -c 8 -l 64 "${timed[@]}" ;;
         esac
     done
+
+    # Side by side, last: echod (epoll), then echod (io_uring), each beside
+    # the reference.
+    [ -z "$pre_port" ] || run_pairs echod "$pre_port" "$pre_pid"
+    [ -z "$uring_port" ] || run_pairs echod-uring "$uring_port" "$uring_pid"
 
     [ -z "$pre_port" ] || stop_server "$pre_pid" INT
     [ -z "$fork_port" ] || stop_server "$fork_pid" INT
@@ -320,6 +380,43 @@ row() {
     printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$(fmt "$e" "$6")" "$(fmt "$t" "$6")" "$(ratio "$e" "$t")" "$3"
 }
 
+# pair_ratio LOAD SERVER KEY: "MEDIAN MIN MAX" over the rounds of the
+# ratio SERVER / reference of KEY, each ratio taken from one side-by-side
+# pair (the same moment), or "n/a".
+pair_ratio() {
+    local line json v r values=()
+    local -A mine=() theirs=()
+    while IFS= read -r line; do
+        case $line in *"\"load\":\"pair-$1\","*"\"pair\":\"$2\",\"rc\":0,"*) ;; *) continue ;; esac
+        r=${line#*\"round\":}
+        r=${r%%,*}
+        json=${line#*\"result\":}
+        v=$(field "$json" "$3")
+        if [ -z "$v" ] || [ "$v" = null ]; then continue; fi
+        case $line in
+        *"\"server\":\"tokio\","*) theirs[$r]=$v ;;
+        *) mine[$r]=$v ;;
+        esac
+    done <"$results"
+    for r in "${!mine[@]}"; do
+        [ -n "${theirs[$r]:-}" ] || continue
+        values+=("$(awk -v a="${mine[$r]}" -v b="${theirs[$r]}" 'BEGIN { if (b > 0) printf "%.4f", a / b }')")
+    done
+    if [ ${#values[@]} -eq 0 ]; then
+        echo n/a
+        return
+    fi
+    printf '%s\n' "${values[@]}" | grep . | sort -g | awk '
+        { v[NR] = $1 }
+        END { if (NR == 0) { print "n/a"; exit } m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m, v[1], v[NR] }'
+}
+
+# pair_row LABEL METRIC BETTER LOAD KEY
+pair_row() {
+    printf '| %s | %s | %s | %s | %s |\n' "$1" "$2" \
+        "$(fmt "$(pair_ratio "$4" echod "$5")" 2)" "$(fmt "$(pair_ratio "$4" echod-uring "$5")" 2)" "$3"
+}
+
 table=$out/table.md
 {
     echo "| load | metric | echod | tokio reference | echod / reference | better |"
@@ -344,6 +441,17 @@ table=$out/table.md
     row "connrate 8 workers (io_uring)" "conn/s" higher connrate conns_per_s 0 echod-uring
     row "hold $HOLD idle conns" "server RSS KiB/conn" lower hold rss_kib_per_conn 2
     row "hold $HOLD idle conns" "server PSS KiB/conn" lower hold pss_kib_per_conn 2
+    echo
+    echo "Side by side (the load against echod and the reference at the same moment, $pair_threads client threads each): median (min-max) over the rounds of each pair's ratio echod / reference."
+    echo
+    echo "| load | metric | echod / reference | echod (io_uring) / reference | better |"
+    echo "| --- | --- | ---: | ---: | --- |"
+    pair_row "pingpong 64 B x 50 conns" "msgs/s" higher pingpong50 msgs_per_s
+    pair_row "pingpong 64 B x 50 conns" "server CPU us/msg" lower pingpong50 server_cpu_us_per_msg
+    pair_row "pingpong 64 B x 500 conns" "msgs/s" higher pingpong500 msgs_per_s
+    pair_row "pingpong 64 B x 500 conns" "server CPU us/msg" lower pingpong500 server_cpu_us_per_msg
+    pair_row "stream 4 conns x 64 KiB" "MB/s" higher stream mb_per_s
+    pair_row "stream 4 conns x 64 KiB" "server CPU s/GB" lower stream server_cpu_s_per_gb
 } >"$table"
 
 elapsed=$((SECONDS - started_at))
