@@ -813,10 +813,17 @@ impl Worker<'_> {
                 }
             }
         }
-        let fd = c.stream.as_raw_fd();
         let ip = c.ip;
         let recv = c.recv;
         let sending = c.sending.is_some();
+        if sending {
+            // A plain shutdown(2), not a ring request: the kernel runs a
+            // shutdown request on an io-wq thread and looks its descriptor
+            // number up only then, and by then the send could have
+            // completed, the descriptor been closed, and its number reused
+            // by a new connection, which the late shutdown would cut.
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        }
         let queue = std::mem::take(&mut c.queue);
         c.queued = 0;
         if recv == Recv::Armed {
@@ -827,12 +834,6 @@ impl Worker<'_> {
         }
         if recv == Recv::Armed {
             let e = opcode::AsyncCancel::new(ud(KIND_RECV, idx))
-                .build()
-                .user_data(ud(KIND_IGNORE, 0));
-            self.push(e);
-        }
-        if sending {
-            let e = opcode::Shutdown::new(types::Fd(fd), libc::SHUT_RDWR)
                 .build()
                 .user_data(ud(KIND_IGNORE, 0));
             self.push(e);

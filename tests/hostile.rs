@@ -133,10 +133,12 @@ fn others_echo(addr: SocketAddr) -> Duration {
 
 /// The body of the non-reading-client tests; `mode` is "prefork" (one
 /// worker, which must keep serving others) or "fork".
-fn non_reading_client(mode: &str) {
+fn non_reading_client(mode: &str, extra: &str) {
     let e = start(
         mode,
-        "workers = 1\nbuffer_size = 65536\nidle_timeout = 0\nmax_connections = 100",
+        &format!(
+            "workers = 1\nbuffer_size = 65536\nidle_timeout = 0\nmax_connections = 100\n{extra}"
+        ),
     );
     let addr = e.addr();
     // Warm the server up with 1 MiB, so that its scratch buffer and
@@ -266,7 +268,15 @@ fn non_reading_client(mode: &str) {
 /// of stream.
 #[test]
 fn prefork_non_reading_client_is_backpressured() {
-    non_reading_client("prefork");
+    non_reading_client("prefork", "");
+}
+
+/// `io_uring_non_reading_client_is_backpressured`: the same with the
+/// io_uring worker (`io = "io_uring"`), whose backpressure cancels the
+/// client's receive once a buffer's worth waits behind the send in flight.
+#[test]
+fn io_uring_non_reading_client_is_backpressured() {
+    non_reading_client("prefork", "io = \"io_uring\"");
 }
 
 /// `fork_non_reading_client_is_backpressured`: the same in fork mode,
@@ -274,7 +284,84 @@ fn prefork_non_reading_client_is_backpressured() {
 /// spinning, others served, exact bytes back.
 #[test]
 fn fork_non_reading_client_is_backpressured() {
-    non_reading_client("fork");
+    non_reading_client("fork", "");
+}
+
+/// The body of the stuck-send tests: a client that sends without reading
+/// until its writes block, so that the worker's echo to it cannot be
+/// written, then falls silent. `idle_timeout` must close it all the same:
+/// the worker gives its descriptor up (its count is back to what it was
+/// before the client came) and serves the next client.
+fn stuck_send_is_closed_at_idle_timeout(extra: &str) {
+    let e = start(
+        "prefork",
+        &format!("workers = 1\nbuffer_size = 65536\nidle_timeout = \"1s\"\n{extra}"),
+    );
+    let addr = e.addr();
+    let w = e.workers();
+    assert_eq!(w.len(), 1, "{w:?}");
+    let worker = w[0];
+    // Counted before any client came (a client that just left may not be
+    // closed by the worker yet).
+    let fds_before = fd_count(worker);
+
+    let pattern = payload(11, PERIOD);
+    let mut slow = connect(addr);
+    slow.set_nonblocking(true).unwrap();
+    let mut sent: u64 = 0;
+    let mut blocked_since: Option<Instant> = None;
+    let start = Instant::now();
+    while sent < SEND_CAP && start.elapsed() < Duration::from_secs(30) {
+        let at = (sent % PERIOD as u64) as usize;
+        match slow.write(&pattern[at..]) {
+            Ok(n) => {
+                sent += n as u64;
+                blocked_since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_millis(300) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("slow client: write after {sent} bytes: {e}"),
+        }
+    }
+    assert!(
+        blocked_since.is_some(),
+        "the slow client's writes never blocked ({sent} bytes sent)"
+    );
+    assert!(
+        fd_count(worker) > fds_before,
+        "the worker holds no descriptor for the slow client"
+    );
+    // Silent from here on: closed between 1 s and 1.25 s later.
+    assert!(
+        wait_until(Duration::from_secs(5), || fd_count(worker) == fds_before),
+        "the worker still holds the stuck client's descriptor 5 s later ({} fds, {fds_before} before)\n{}",
+        fd_count(worker),
+        e.log()
+    );
+    echo_once(addr, b"the next client");
+    assert_eq!(e.workers(), vec![worker], "the worker changed");
+    assert!(e.error_lines().is_empty(), "errors:\n{}", e.log());
+}
+
+/// `prefork_stuck_send_is_closed_at_idle_timeout`: a connection whose echo
+/// cannot be written (its client does not read) and that is silent is
+/// closed at `idle_timeout` like any idle one.
+#[test]
+fn prefork_stuck_send_is_closed_at_idle_timeout() {
+    stuck_send_is_closed_at_idle_timeout("");
+}
+
+/// `io_uring_stuck_send_is_closed_at_idle_timeout`: the same with the
+/// io_uring worker, where the send stuck in the ring must be made to fail
+/// (the socket is shut down) before the descriptor can be closed.
+#[test]
+fn io_uring_stuck_send_is_closed_at_idle_timeout() {
+    stuck_send_is_closed_at_idle_timeout("io = \"io_uring\"");
 }
 
 // ---------------------------------------------------------------------------
@@ -304,9 +391,12 @@ fn stay_active(addr: SocketAddr) -> Result<(), (bool, String)> {
 }
 
 /// The body of the idle-timeout tests.
-fn idle_timeout(mode: &str) {
-    let e = start(mode, "workers = 1\nidle_timeout = \"1s\"");
-    let never = start(mode, "workers = 1\nidle_timeout = 0");
+fn idle_timeout(mode: &str, extra: &str) {
+    let e = start(
+        mode,
+        &format!("workers = 1\nidle_timeout = \"1s\"\n{extra}"),
+    );
+    let never = start(mode, &format!("workers = 1\nidle_timeout = 0\n{extra}"));
     let (addr, never_addr) = (e.addr(), never.addr());
 
     let idle = std::thread::spawn(move || {
@@ -372,13 +462,20 @@ fn idle_timeout(mode: &str) {
 /// echoing after 3 s.
 #[test]
 fn prefork_idle_timeout_closes_only_idle_connections() {
-    idle_timeout("prefork");
+    idle_timeout("prefork", "");
+}
+
+/// `io_uring_idle_timeout_closes_only_idle_connections`: the same with the
+/// io_uring worker.
+#[test]
+fn io_uring_idle_timeout_closes_only_idle_connections() {
+    idle_timeout("prefork", "io = \"io_uring\"");
 }
 
 /// `fork_idle_timeout_closes_only_idle_connections`: the same in fork mode.
 #[test]
 fn fork_idle_timeout_closes_only_idle_connections() {
-    idle_timeout("fork");
+    idle_timeout("fork", "");
 }
 
 /// `prefork_idle_timeout_is_honoured_within_a_quarter`: with
