@@ -7,6 +7,10 @@
 //! in hundreds, and configuration files that are wrong in every way we
 //! could think of (a table, and a property test over arbitrary bytes).
 //!
+//! The client-facing tests run on the io_uring worker too (`io_uring_*`:
+//! `mode = "prefork"` with `io = "io_uring"`), since it keeps the same
+//! contract with other code.
+//!
 //! The config parser is also fuzzed (`fuzz/`, cargo-fuzz: `fuzz/run.sh`).
 //! The soak under kills and reloads is `tests/soak.rs`.
 //!
@@ -36,15 +40,26 @@ fn ip(last: u8) -> IpAddr {
 }
 
 /// A config in `mode` with `extra` keys (stderr logging at info, port 0).
+/// `mode` is "prefork", "fork", or "io_uring": prefork workers on the
+/// io_uring backend.
 fn mode_config(mode: &str, extra: &str) -> String {
-    config(&format!("mode = \"{mode}\"\n{extra}"))
+    if mode == "io_uring" {
+        config(&format!("mode = \"prefork\"\nio = \"io_uring\"\n{extra}"))
+    } else {
+        config(&format!("mode = \"{mode}\"\n{extra}"))
+    }
+}
+
+/// Whether `mode` runs a pool of prefork workers (either backend).
+fn prefork_like(mode: &str) -> bool {
+    mode != "fork"
 }
 
 /// Starts echod and, in prefork mode, waits for its workers to be in
 /// their event loops.
 fn start(mode: &str, extra: &str) -> Echod {
     let e = Echod::start(&mode_config(mode, extra));
-    if mode == "prefork" {
+    if prefork_like(mode) {
         assert!(e.wait_workers_up(LIMIT), "workers not up:\n{}", e.log());
     }
     e
@@ -149,7 +164,7 @@ fn non_reading_client(mode: &str, extra: &str) {
     let mut slow = connect(addr);
     let slow_port = slow.local_addr().unwrap().port();
     // The process that serves the slow client, and the RSS to compare with.
-    let (server, rss_before) = if mode == "prefork" {
+    let (server, rss_before) = if prefork_like(mode) {
         let w = e.workers();
         assert_eq!(w.len(), 1, "{w:?}");
         (w[0], rss_kib(w[0]).expect("worker RSS"))
@@ -227,7 +242,7 @@ fn non_reading_client(mode: &str, extra: &str) {
         worst < Duration::from_secs(2),
         "an echo took {worst:?} while a client did not read"
     );
-    if mode == "prefork" {
+    if prefork_like(mode) {
         assert_eq!(e.workers(), vec![server], "the worker changed");
     }
 
@@ -561,6 +576,13 @@ fn prefork_overload_wait_queues_until_a_slot_frees() {
     overload_wait("prefork");
 }
 
+/// `io_uring_overload_wait_queues_until_a_slot_frees`: the same with the
+/// io_uring worker.
+#[test]
+fn io_uring_overload_wait_queues_until_a_slot_frees() {
+    overload_wait("io_uring");
+}
+
 /// `fork_overload_wait_queues_until_a_slot_frees`: the same in fork mode
 /// (`max_connections` live children).
 #[test]
@@ -607,6 +629,13 @@ fn prefork_overload_reject_closes_extra_connections_at_once() {
     overload_reject("prefork", "max_connections (2) reached: refusing");
 }
 
+/// `io_uring_overload_reject_closes_extra_connections_at_once`: the same
+/// with the io_uring worker.
+#[test]
+fn io_uring_overload_reject_closes_extra_connections_at_once() {
+    overload_reject("io_uring", "max_connections (2) reached: refusing");
+}
+
 /// `fork_overload_reject_closes_extra_connections_at_once`: the same in
 /// fork mode.
 #[test]
@@ -637,7 +666,7 @@ fn per_ip_cap(mode: &str, extra: &str, cap: usize, others: usize, refusal: &str,
             s
         })
         .collect();
-    if mode == "prefork" {
+    if prefork_like(mode) {
         // The cap is counted across workers: this test only means something
         // if the address's connections are spread over both.
         let peers: Vec<SocketAddr> = mine.iter().map(|s| s.local_addr().unwrap()).collect();
@@ -723,6 +752,20 @@ fn prefork_per_ip_cap_counts_across_workers() {
     );
 }
 
+/// `io_uring_per_ip_cap_counts_across_workers`: the same with the io_uring
+/// worker.
+#[test]
+fn io_uring_per_ip_cap_counts_across_workers() {
+    per_ip_cap(
+        "io_uring",
+        "workers = 2\nmax_connections = 3\noverload = \"wait\"",
+        4,
+        2,
+        "ADDR has max_connections_per_ip (4) connections: refusing ADDR:",
+        2,
+    );
+}
+
 /// `fork_per_ip_cap_is_counted_by_the_master`: the same in fork mode with
 /// `max_connections_per_ip = 3` (the master counts live children per
 /// address): 127.0.0.2 gets exactly 3, the next 50 are closed at once and
@@ -786,7 +829,7 @@ fn reset_storm(mode: &str) {
     }
     // The server closes its side of each: no descriptor is left behind...
     let settled = wait_until(Duration::from_secs(5), || {
-        if mode == "prefork" {
+        if prefork_like(mode) {
             workers.iter().map(|&w| fd_count(w)).collect::<Vec<_>>() == baseline
         } else {
             live_children_named(e.pid, "echod-conn").is_empty()
@@ -825,6 +868,12 @@ fn reset_storm(mode: &str) {
 #[test]
 fn prefork_reset_storm_leaks_nothing() {
     reset_storm("prefork");
+}
+
+/// `io_uring_reset_storm_leaks_nothing`: the same with the io_uring worker.
+#[test]
+fn io_uring_reset_storm_leaks_nothing() {
+    reset_storm("io_uring");
 }
 
 /// `fork_reset_storm_leaks_nothing`: the same in fork mode: every
