@@ -463,6 +463,10 @@ cat "$table"
 echo
 echo "raw results: $results; table: $table"
 if [ "$failures" -ne 0 ]; then
-    echo "bench: $failures failed runs or servers (excluded from the medians); see above" >&2
+    # The servers' logs go with the temporary directory: keep them.
+    rm -rf "$out/logs"
+    mkdir -p "$out/logs"
+    cp "$tmp"/*.log "$out/logs/" 2>/dev/null || true
+    echo "bench: $failures failed runs or servers (excluded from the medians); see above; the servers' logs are in $out/logs" >&2
     exit 1
 fi
