@@ -146,6 +146,35 @@ fn others_echo(addr: SocketAddr) -> Duration {
     worst
 }
 
+/// Makes `s` non-blocking and sends `pattern` on it, over and over, without
+/// ever reading, until its writes have stayed blocked for `quiet` (or
+/// `SEND_CAP` bytes, or 30 s). Returns the bytes sent and whether the
+/// writes blocked.
+fn send_until_blocked(s: &mut TcpStream, pattern: &[u8], quiet: Duration) -> (u64, bool) {
+    s.set_nonblocking(true).unwrap();
+    let mut sent: u64 = 0;
+    let mut blocked_since: Option<Instant> = None;
+    let start = Instant::now();
+    while sent < SEND_CAP && start.elapsed() < Duration::from_secs(30) {
+        let at = (sent % pattern.len() as u64) as usize;
+        match s.write(&pattern[at..]) {
+            Ok(n) => {
+                sent += n as u64;
+                blocked_since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= quiet {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("slow client: write after {sent} bytes: {e}"),
+        }
+    }
+    (sent, blocked_since.is_some())
+}
+
 /// The body of the non-reading-client tests; `mode` is "prefork" (one
 /// worker, which must keep serving others) or "fork".
 fn non_reading_client(mode: &str, extra: &str) {
@@ -183,29 +212,9 @@ fn non_reading_client(mode: &str, extra: &str) {
     };
 
     // Send without reading until the writes stay blocked for 500 ms.
-    slow.set_nonblocking(true).unwrap();
-    let mut sent: u64 = 0;
-    let mut blocked_since: Option<Instant> = None;
-    let start = Instant::now();
-    while sent < SEND_CAP && start.elapsed() < Duration::from_secs(30) {
-        let at = (sent % PERIOD as u64) as usize;
-        match slow.write(&pattern[at..]) {
-            Ok(n) => {
-                sent += n as u64;
-                blocked_since = None;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let since = *blocked_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= Duration::from_millis(500) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("slow client: write after {sent} bytes: {e}"),
-        }
-    }
+    let (sent, blocked) = send_until_blocked(&mut slow, &pattern, Duration::from_millis(500));
     assert!(
-        blocked_since.is_some(),
+        blocked,
         "the slow client's writes never blocked ({sent} bytes sent): echod reads without bound"
     );
     eprintln!("{mode}: the slow client's writes block after {sent} bytes");
@@ -322,29 +331,9 @@ fn stuck_send_is_closed_at_idle_timeout(extra: &str) {
 
     let pattern = payload(11, PERIOD);
     let mut slow = connect(addr);
-    slow.set_nonblocking(true).unwrap();
-    let mut sent: u64 = 0;
-    let mut blocked_since: Option<Instant> = None;
-    let start = Instant::now();
-    while sent < SEND_CAP && start.elapsed() < Duration::from_secs(30) {
-        let at = (sent % PERIOD as u64) as usize;
-        match slow.write(&pattern[at..]) {
-            Ok(n) => {
-                sent += n as u64;
-                blocked_since = None;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let since = *blocked_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= Duration::from_millis(300) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("slow client: write after {sent} bytes: {e}"),
-        }
-    }
+    let (sent, blocked) = send_until_blocked(&mut slow, &pattern, Duration::from_millis(300));
     assert!(
-        blocked_since.is_some(),
+        blocked,
         "the slow client's writes never blocked ({sent} bytes sent)"
     );
     assert!(
