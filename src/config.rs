@@ -639,7 +639,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 // ---------------------------------------------------------------------------
 
 /// The top-level keys, in file order.
-const TOP_KEYS: &[&str] = &[
+pub const TOP_KEYS: &[&str] = &[
     "listen",
     "backlog",
     "mode",
@@ -661,7 +661,7 @@ const TOP_KEYS: &[&str] = &[
 ];
 
 /// The keys of the `[log]` table, in file order.
-const LOG_KEYS: &[&str] = &["level", "target", "facility", "file"];
+pub const LOG_KEYS: &[&str] = &["level", "target", "facility", "file"];
 
 /// Inclusive ranges of the integer keys. Shared by the parser, the messages
 /// and the tests.
@@ -2069,14 +2069,7 @@ mod tests {
         ];
         let name = "[^\u{0}]{1,12}";
         let abs = "/[^\u{0}]{0,20}".prop_map(PathBuf::from);
-        let level = prop::sample::select(vec![
-            log::LevelFilter::Off,
-            log::LevelFilter::Error,
-            log::LevelFilter::Warn,
-            log::LevelFilter::Info,
-            log::LevelFilter::Debug,
-            log::LevelFilter::Trace,
-        ]);
+        let level = prop::sample::select(log::LevelFilter::iter().collect::<Vec<_>>());
         let log = (
             level,
             prop::sample::select(vec![

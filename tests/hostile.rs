@@ -1687,30 +1687,16 @@ mod arbitrary_files {
     /// `key = value` lines of known (and one misspelt) keys with values of
     /// every type, sometimes a `[log]` header.
     fn a_line() -> impl Strategy<Value = String> {
-        let key = prop::sample::select(vec![
-            "listen",
-            "backlog",
-            "mode",
-            "workers",
-            "max_connections",
-            "max_connections_per_ip",
-            "overload",
-            "buffer_size",
-            "idle_timeout",
-            "shutdown_timeout",
-            "worker_timeout",
-            "max_requests_per_worker",
-            "pid_file",
-            "user",
-            "group",
-            "daemon",
-            "log.level",
-            "log.target",
-            "log.facility",
-            "log.file",
-            "workerz",
-            "[log]",
-        ]);
+        // Every key echod knows (`log` as a table header), one misspelt.
+        let mut keys: Vec<String> = echod::config::TOP_KEYS
+            .iter()
+            .filter(|k| **k != "log")
+            .map(|k| (*k).to_owned())
+            .collect();
+        keys.extend(echod::config::LOG_KEYS.iter().map(|k| format!("log.{k}")));
+        keys.push("workerz".into());
+        keys.push("[log]".into());
+        let key = prop::sample::select(keys);
         let value = prop_oneof![
             any::<i64>().prop_map(|n| n.to_string()),
             (0i64..70_000).prop_map(|n| n.to_string()),
@@ -1718,6 +1704,8 @@ mod arbitrary_files {
             prop::sample::select(vec![
                 "\"prefork\"",
                 "\"fork\"",
+                "\"epoll\"",
+                "\"io_uring\"",
                 "\"wait\"",
                 "\"reject\"",
                 "\"250ms\"",
@@ -1740,7 +1728,7 @@ mod arbitrary_files {
         ];
         (key, value).prop_map(|(k, v)| {
             if k == "[log]" {
-                k.to_owned()
+                k
             } else {
                 format!("{k} = {v}")
             }

@@ -86,14 +86,7 @@ fn config(u: &mut Unstructured) -> Result<Config> {
         group: if u.arbitrary()? { Some(name(u)?) } else { None },
         daemon: u.arbitrary()?,
         log: LogConfig {
-            level: *u.choose(&[
-                log::LevelFilter::Off,
-                log::LevelFilter::Error,
-                log::LevelFilter::Warn,
-                log::LevelFilter::Info,
-                log::LevelFilter::Debug,
-                log::LevelFilter::Trace,
-            ])?,
+            level: *u.choose(&log::LevelFilter::iter().collect::<Vec<_>>())?,
             target,
             facility: (*u.choose(FACILITIES)?).to_owned(),
             file: if target == LogTarget::File {
