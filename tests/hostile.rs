@@ -191,7 +191,7 @@ fn non_reading_client(mode: &str, extra: &str) {
 
     let pattern = payload(7, PERIOD);
     let mut slow = connect(addr);
-    let slow_port = slow.local_addr().unwrap().port();
+    let slow_peer = slow.local_addr().unwrap();
     // The process that serves the slow client, and the RSS to compare with.
     let (server, rss_before) = if prefork_like(mode) {
         let w = e.workers();
@@ -221,11 +221,11 @@ fn non_reading_client(mode: &str, extra: &str) {
 
     // echod stopped reading: its side of the connection has unread bytes,
     // and they stay unread.
-    let (_, rx1) = tcp_queues(addr.port(), slow_port).expect("server side in /proc/net/tcp");
+    let (_, rx1) = tcp_queues(addr.port(), slow_peer).expect("server side in /proc/net/tcp");
     let cpu0 = cpu_time(server).expect("server CPU");
     std::thread::sleep(Duration::from_secs(1));
     let cpu = cpu_time(server).expect("server CPU") - cpu0;
-    let (_, rx2) = tcp_queues(addr.port(), slow_port).expect("server side in /proc/net/tcp");
+    let (_, rx2) = tcp_queues(addr.port(), slow_peer).expect("server side in /proc/net/tcp");
     assert!(rx1 > 0, "echod's receive queue is empty: it reads on");
     assert_eq!(rx1, rx2, "echod's receive queue moved: it reads on");
     assert!(

@@ -159,34 +159,13 @@ pub fn wait_closed(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
 }
 
 /// The send and receive queues (`tx_queue`, `rx_queue`, in bytes) that
-/// `/proc/net/tcp` shows for the connection between the local ports
-/// `local_port` and `remote_port` (seen from the `local_port` side).
-pub fn tcp_queues(local_port: u16, remote_port: u16) -> Option<(u64, u64)> {
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(f) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 5 {
-                continue;
-            }
-            let port = |s: &str| {
-                s.rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok())
-            };
-            if port(cols[1]) != Some(local_port) || port(cols[2]) != Some(remote_port) {
-                continue;
-            }
-            let (tx, rx) = cols[4].split_once(':')?;
-            return Some((
-                u64::from_str_radix(tx, 16).ok()?,
-                u64::from_str_radix(rx, 16).ok()?,
-            ));
-        }
-    }
-    None
+/// `/proc/net/tcp{,6}` shows for the connection on local port
+/// `local_port` from `peer` (seen from the `local_port` side).
+pub fn tcp_queues(local_port: u16, peer: SocketAddr) -> Option<(u64, u64)> {
+    crate::common::tcp_sockets()
+        .into_values()
+        .find(|s| s.local_port == local_port && s.remote == peer)
+        .map(|s| (s.tx_queue, s.rx_queue))
 }
 
 /// Kills `pid` with `sig` (a process the test started or one of its

@@ -413,6 +413,10 @@ pub struct TcpSocket {
     /// (an IPv4 and an IPv6 client, or 127.0.0.1 and 127.0.0.2, may share
     /// one).
     pub remote: SocketAddr,
+    /// Bytes sent and not yet acknowledged, and bytes received and not yet
+    /// read (`tx_queue:rx_queue`).
+    pub tx_queue: u64,
+    pub rx_queue: u64,
 }
 
 impl TcpSocket {
@@ -448,6 +452,11 @@ pub fn tcp_sockets() -> std::collections::HashMap<u64, TcpSocket> {
             let Some(remote) = proc_net_addr(cols[2]) else {
                 continue;
             };
+            let queue = |q: Option<&str>| q.and_then(|q| u64::from_str_radix(q, 16).ok());
+            let (tx, rx) = cols[4].split_once(':').unzip();
+            let (Some(tx_queue), Some(rx_queue)) = (queue(tx), queue(rx)) else {
+                continue;
+            };
             out.insert(
                 inode,
                 TcpSocket {
@@ -455,6 +464,8 @@ pub fn tcp_sockets() -> std::collections::HashMap<u64, TcpSocket> {
                     state: cols[3].to_string(),
                     local_port: port(cols[1]),
                     remote,
+                    tx_queue,
+                    rx_queue,
                 },
             );
         }
