@@ -56,7 +56,7 @@ use crate::listener::Listener;
 use crate::process::exit_code;
 use crate::scoreboard::{now_ms, IpKey};
 use crate::signals::SignalPipe;
-use crate::worker::{on_signal, tick_ms, Accepting, Gate, Seat, Signaled};
+use crate::worker::{on_signal, tick_ms, Accepting, Gate, Seat, Signaled, TICK_MS};
 
 /// Whether listeners get a multishot accept (one request for every
 /// connection) or a one-shot accept armed again after each connection.
@@ -83,9 +83,6 @@ const MIN_BUFFERS: usize = 16;
 /// How much memory the ring's buffers may take together, unless that is
 /// less than [`MIN_BUFFERS`] buffers.
 const BUFFER_BUDGET: usize = 8 << 20;
-/// As in the epoll worker.
-const ACCEPT_PAUSE_MS: u64 = 100;
-const TICK_MS: u64 = 1000;
 
 /// What a completion is about: the low 8 bits of its `user_data`; the rest
 /// is the listener or connection slot index.
@@ -279,7 +276,6 @@ struct Worker<'a> {
     /// Connections whose receive stopped for want of buffers.
     starved: Vec<usize>,
     now: u64,
-    last_starved_log: u64,
     signal_fd: i32,
 }
 
@@ -307,7 +303,6 @@ pub fn run(
         open: 0,
         starved: Vec::new(),
         now: now_ms(),
-        last_starved_log: 0,
         signal_fd: signals.as_fd().as_raw_fd(),
     };
     log::debug!("io_uring worker: {} receive buffers", w.bufs.entries);
@@ -449,14 +444,8 @@ impl Worker<'_> {
             match -res {
                 libc::ECANCELED => {}
                 libc::EMFILE | libc::ENFILE => {
-                    if self.now.saturating_sub(self.last_starved_log) >= 1000 {
-                        log::warn!(
-                            "accept: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({} connections open)",
-                            self.open
-                        );
-                        self.last_starved_log = self.now;
-                    }
-                    self.pause_accepting(Accepting::Starved(self.now + ACCEPT_PAUSE_MS));
+                    let pause = self.gate.out_of_descriptors(&e, self.now, self.open);
+                    self.pause_accepting(pause);
                 }
                 libc::EINVAL | libc::EOPNOTSUPP => {
                     log::error!("accept: {e}; exiting");

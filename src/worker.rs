@@ -57,7 +57,7 @@ const TOKEN_CONN: u64 = 1 << 32;
 const ACCEPT_PAUSE_MS: u64 = 100;
 /// Longest sleep in `epoll_wait`: the heartbeat and idle-scan period
 /// (shorter when `worker_timeout` is short: see [`Worker::tick_ms`]).
-const TICK_MS: u64 = 1000;
+pub(crate) const TICK_MS: u64 = 1000;
 
 /// One client connection.
 ///
@@ -109,6 +109,7 @@ pub(crate) struct Gate<'a> {
     /// per address; pruned as it grows).
     refusals_logged: std::collections::HashMap<std::net::IpAddr, u64>,
     last_overload_log: u64,
+    last_starved_log: u64,
 }
 
 impl<'a> Gate<'a> {
@@ -118,7 +119,21 @@ impl<'a> Gate<'a> {
             seat,
             refusals_logged: std::collections::HashMap::new(),
             last_overload_log: 0,
+            last_starved_log: 0,
         }
+    }
+
+    /// `accept` failed with `EMFILE`/`ENFILE`: logs it (at most once a
+    /// second) and returns the pause the worker takes before accepting
+    /// again, so that a listener that stays readable does not spin it.
+    pub(crate) fn out_of_descriptors(&mut self, e: &io::Error, now: u64, open: usize) -> Accepting {
+        if now.saturating_sub(self.last_starved_log) >= 1000 {
+            log::warn!(
+                "accept: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({open} connections open)"
+            );
+            self.last_starved_log = now;
+        }
+        Accepting::Starved(now + ACCEPT_PAUSE_MS)
     }
 
     /// `overload = "reject"` at `max_connections`: the connection is
@@ -283,7 +298,6 @@ struct Worker<'a> {
     accepting: Accepting,
     gate: Gate<'a>,
     now: u64,
-    last_starved_log: u64,
 }
 
 /// Runs the worker until it has drained or is told to exit; returns the
@@ -340,7 +354,6 @@ impl<'a> Worker<'a> {
             accepting: Accepting::Full,
             gate: Gate::new(config, seat),
             now: now_ms(),
-            last_starved_log: 0,
         };
         w.resume_accepting()?;
         Ok(w)
@@ -426,14 +439,8 @@ impl<'a> Worker<'a> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    if self.now.saturating_sub(self.last_starved_log) >= 1000 {
-                        log::warn!(
-                            "accept: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({} connections open)",
-                            self.open
-                        );
-                        self.last_starved_log = self.now;
-                    }
-                    self.pause_accepting(Accepting::Starved(self.now + ACCEPT_PAUSE_MS));
+                    let pause = self.gate.out_of_descriptors(&e, self.now, self.open);
+                    self.pause_accepting(pause);
                     return;
                 }
                 // ECONNABORTED and friends: that one connection is gone;
