@@ -329,6 +329,17 @@ done
 
 # --- The table ----------------------------------------------------------------
 
+# summary VALUE...: "MEDIAN MIN MAX" of the non-empty values, or "n/a".
+summary() {
+    printf '%s\n' "$@" | sed '/^$/d' | sort -g | awk '
+        { v[NR] = $1 }
+        END {
+            if (NR == 0) { print "n/a"; exit }
+            m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+            print m, v[1], v[NR]
+        }'
+}
+
 # median LOAD SERVER KEY: "MEDIAN MIN MAX" of KEY over the clean runs, or
 # "n/a".
 median() {
@@ -340,13 +351,7 @@ median() {
         v=$(field "$json" "$3")
         [ -n "$v" ] && [ "$v" != null ] && values+=("$v")
     done <"$results"
-    if [ ${#values[@]} -eq 0 ]; then
-        echo n/a
-        return
-    fi
-    printf '%s\n' "${values[@]}" | sort -g | awk '
-        { v[NR] = $1 }
-        END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m, v[1], v[NR] }'
+    summary "${values[@]+"${values[@]}"}"
 }
 
 # fmt "MEDIAN MIN MAX" DECIMALS: the median, and the range when there is one.
@@ -402,13 +407,7 @@ pair_ratio() {
         [ -n "${theirs[$r]:-}" ] || continue
         values+=("$(awk -v a="${mine[$r]}" -v b="${theirs[$r]}" 'BEGIN { if (b > 0) printf "%.4f", a / b }')")
     done
-    if [ ${#values[@]} -eq 0 ]; then
-        echo n/a
-        return
-    fi
-    printf '%s\n' "${values[@]}" | grep . | sort -g | awk '
-        { v[NR] = $1 }
-        END { if (NR == 0) { print "n/a"; exit } m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m, v[1], v[NR] }'
+    summary "${values[@]+"${values[@]}"}"
 }
 
 # pair_row LABEL METRIC BETTER LOAD KEY
