@@ -277,7 +277,7 @@ fn refused_connections_fail_the_run() {
 }
 
 /// A server that accepts but never answers: the echo times out, bounded by
-/// --timeout.
+/// --timeout, and the error says how far the connection got.
 #[test]
 fn silent_server_times_out() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -307,6 +307,10 @@ fn silent_server_times_out() {
     let json = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{json}");
     assert_eq!(num(&json, "timeouts"), 2.0, "{json}");
+    // The error says where the bytes stood: sent, none echoed, and the
+    // client's send queue (the server accepted but never read).
+    assert!(json.contains("bytes sent, 0 echoed, "), "{json}");
+    assert!(json.contains("in its send queue"), "{json}");
     assert!(started.elapsed() < Duration::from_secs(10), "{json}");
 }
 

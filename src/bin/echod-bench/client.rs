@@ -19,6 +19,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -124,9 +125,15 @@ enum State {
 enum Failure {
     Connect(io::Error),
     Reset(io::Error),
-    Closed { missing: u64 },
+    Closed {
+        missing: u64,
+    },
     Mismatch(Violation),
-    Timeout { connecting: bool },
+    /// No progress for the timeout; `detail` says where the bytes stood.
+    Timeout {
+        connecting: bool,
+        detail: String,
+    },
 }
 
 /// What happens to a connection after an event.
@@ -192,6 +199,33 @@ pub struct Client<'a> {
     held: u64,
     first_error: Option<String>,
     deadline_hit: bool,
+}
+
+/// The failure of a connection that made no progress for the timeout, with
+/// where its bytes stood: enough to tell a server that stopped reading (the
+/// client's send queue is full) from one that read and did not echo.
+fn timed_out(conn: &Conn) -> Failure {
+    let connecting = conn.state == State::Connecting;
+    let local = conn
+        .stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int, the bytes in the socket's
+    // send queue, to a valid pointer; the descriptor is the live socket.
+    let rc = unsafe { libc::ioctl(conn.stream.as_raw_fd(), libc::TIOCOUTQ, &mut unsent) };
+    let queued = if rc == 0 {
+        format!("{unsent} in its send queue")
+    } else {
+        "send queue unknown".into()
+    };
+    let detail = format!(
+        "{local}: {} bytes sent, {} echoed, {queued}",
+        conn.check.sent(),
+        conn.check.received()
+    );
+    Failure::Timeout { connecting, detail }
 }
 
 fn start_connect(addr: &SocketAddr) -> io::Result<(TcpStream, bool)> {
@@ -599,10 +633,10 @@ impl<'a> Client<'a> {
                     Violation::Short { missing } => format!("{missing} bytes missing"),
                 }
             }
-            Failure::Timeout { connecting } => {
+            Failure::Timeout { connecting, detail } => {
                 t.timeouts += 1;
                 let what = if *connecting { "connect" } else { "echo" };
-                format!("{what} timed out after {:?}", self.plan.timeout)
+                format!("{what} timed out after {:?} ({detail})", self.plan.timeout)
             }
         };
         self.first_error.get_or_insert(text);
@@ -635,8 +669,8 @@ impl<'a> Client<'a> {
             );
             if overdue {
                 if let Some(conn) = self.slots[slot].take() {
-                    let connecting = conn.state == State::Connecting;
-                    self.retire(conn, Some(Failure::Timeout { connecting }));
+                    let failure = timed_out(&conn);
+                    self.retire(conn, Some(failure));
                 }
             }
         }
@@ -652,8 +686,8 @@ impl<'a> Client<'a> {
             if waiting {
                 if let Some(conn) = self.slots[slot].take() {
                     self.deadline_hit = true;
-                    let connecting = conn.state == State::Connecting;
-                    self.retire(conn, Some(Failure::Timeout { connecting }));
+                    let failure = timed_out(&conn);
+                    self.retire(conn, Some(failure));
                 }
             }
         }
