@@ -314,6 +314,78 @@ fn silent_server_times_out() {
     assert!(started.elapsed() < Duration::from_secs(10), "{json}");
 }
 
+/// A client that is not run for a while (here stopped with `SIGSTOP`, as a
+/// frozen or overloaded machine would) does not blame the server: the time
+/// is reported as a stall and left out of the echo timeouts.
+#[test]
+fn a_stopped_client_reports_a_stall_not_a_timeout() {
+    // An echo server that says when the first bytes arrive: the client is
+    // then in its loop, where a stall is measured.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local_addr").to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for mut sock in listener.incoming().flatten() {
+            let mut first = [0u8; 1];
+            if sock.read_exact(&mut first).is_err() || sock.write_all(&first).is_err() {
+                continue;
+            }
+            let _ = tx.send(());
+            thread::spawn(move || serve(sock, Fault::None));
+        }
+    });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_echod-bench"))
+        .args([
+            "pingpong",
+            "-a",
+            &addr,
+            "-c",
+            "2",
+            "-t",
+            "1",
+            "-d",
+            "3",
+            "--warmup",
+            "0",
+            "--timeout",
+            "1",
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn echod-bench");
+    let pid = child.id() as libc::pid_t;
+    if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("echod-bench sent nothing within 10 s");
+    }
+    thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on the PID of our own child, which has not been
+    // waited for, so the PID cannot have been reused.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    thread::sleep(Duration::from_millis(1500));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("echod-bench outlived 20 s");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("wait_with_output");
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    assert_eq!(num(&json, "timeouts"), 0.0, "{json}");
+    assert!(num(&json, "client_stalls") >= 1.0, "{json}");
+    assert!(num(&json, "client_stall_max_s") >= 1.2, "{json}");
+}
+
 /// --help documents every mode and flag; a bad flag is a usage error.
 #[test]
 fn help_and_usage_errors() {

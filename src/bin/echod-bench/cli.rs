@@ -47,7 +47,10 @@ FLAGS:
     -n, --count N           Connections to open and hold (hold mode).
         --timeout SECS      Limit on every connect and on every wait for an
                             echo (default 5). A connection that times out is
-                            closed and counted.
+                            closed and counted. Time the client itself was
+                            not run (a loop turn 200 ms late: the machine
+                            frozen or overloaded, the process stopped) is
+                            left out and reported as a stall.
         --server-pid PID    Server to meter: CPU time (utime+stime, plus the
                             reaped children's) of PID and all its descendants
                             at the start and the end of the measured interval,

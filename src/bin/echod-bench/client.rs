@@ -94,6 +94,29 @@ pub struct Outcome {
     pub deadline_hit: bool,
     /// The loop itself failed (epoll); the counts are partial.
     pub fatal: Option<String>,
+    pub stalls: Stalls,
+}
+
+/// Turns of the client's own loop that came round late: the thread was not
+/// run (the machine was frozen or overloaded, or the process was stopped).
+/// The time is not counted against the server: a connection's timeout
+/// leaves it out.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stalls {
+    pub count: u64,
+    pub longest: Duration,
+}
+
+impl Stalls {
+    pub fn add(&mut self, d: Duration) {
+        self.count += 1;
+        self.longest = self.longest.max(d);
+    }
+
+    pub fn merge(&mut self, o: &Stalls) {
+        self.count += o.count;
+        self.longest = self.longest.max(o.longest);
+    }
 }
 
 /// Connects in flight per thread while opening hold connections: enough to
@@ -104,6 +127,9 @@ const HOLD_CONNECT_WINDOW: usize = 128;
 const SCAN_EVERY: Duration = Duration::from_millis(100);
 /// The longest `epoll_wait`, so the loop notices the end of the interval.
 const WAIT_MS: u16 = 10;
+/// A loop turn longer than `WAIT_MS` by this much is a stall (see
+/// [`Stalls`]): the turn's own work takes microseconds to milliseconds.
+const STALL_MIN: Duration = Duration::from_millis(200);
 /// Reads and writes move at most this much per syscall.
 const MAX_IO: usize = 256 * 1024;
 
@@ -199,6 +225,7 @@ pub struct Client<'a> {
     held: u64,
     first_error: Option<String>,
     deadline_hit: bool,
+    stalls: Stalls,
 }
 
 /// The failure of a connection that made no progress for the timeout, with
@@ -255,6 +282,7 @@ impl Outcome {
             first_error: None,
             deadline_hit: false,
             fatal: Some(fatal),
+            stalls: Stalls::default(),
         }
     }
 }
@@ -294,6 +322,7 @@ impl<'a> Client<'a> {
             held: 0,
             first_error: None,
             deadline_hit: false,
+            stalls: Stalls::default(),
         })
     }
 
@@ -314,6 +343,7 @@ impl<'a> Client<'a> {
             first_error: self.first_error,
             deadline_hit: self.deadline_hit,
             fatal,
+            stalls: self.stalls,
         }
     }
 
@@ -325,16 +355,22 @@ impl<'a> Client<'a> {
         }
         let mut events = vec![EpollEvent::empty(); 256];
         let mut next_scan = Instant::now();
+        let wait = Duration::from_millis(WAIT_MS.into());
+        let mut alive = Instant::now();
         loop {
             let n = match self.epoll.wait(&mut events, WAIT_MS) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => 0,
                 Err(e) => return Err(e),
             };
+            alive = self.ran(alive, wait);
             for ev in &events[..n] {
                 self.on_event(ev.data() as usize, ev.events());
             }
-            let now = Instant::now();
+            // Checked again here, just before timeouts are judged, in case
+            // the stall fell in the handling of the events.
+            alive = self.ran(alive, Duration::ZERO);
+            let now = alive;
             if now < self.plan.measure_end {
                 // Taken, so a connect that fails at once waits for the next
                 // round instead of spinning here.
@@ -656,6 +692,28 @@ impl<'a> Client<'a> {
             Mode::Hold if was_waiting => self.in_flight -= 1,
             Mode::ConnRate => self.reopen.push(slot),
             _ => {}
+        }
+    }
+
+    /// Notes that the loop runs now, `since` being the last time it was
+    /// known to run and `allowed` what it may legitimately have waited
+    /// meanwhile; a gap longer than that by [`STALL_MIN`] was the client
+    /// not running, not the server not answering: a stall. Returns now.
+    fn ran(&mut self, since: Instant, allowed: Duration) -> Instant {
+        let now = Instant::now();
+        let gap = now.duration_since(since);
+        if gap > allowed + STALL_MIN {
+            self.stalled(gap - allowed);
+        }
+        now
+    }
+
+    /// Records a stall of `d` and moves every connection's last progress
+    /// forward by it, so that the timeout counts only time the client ran.
+    fn stalled(&mut self, d: Duration) {
+        self.stalls.add(d);
+        for c in self.slots.iter_mut().flatten() {
+            c.last += d;
         }
     }
 

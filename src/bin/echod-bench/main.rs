@@ -32,7 +32,7 @@ use anyhow::{anyhow, Context};
 use nix::sys::resource::{getrlimit, getrusage, setrlimit, Resource, UsageWho};
 
 use cli::{Command, Mode, Settings};
-use client::{Outcome, Plan, Shared};
+use client::{Outcome, Plan, Shared, Stalls};
 use procfs::TreeSample;
 use report::{HoldFigures, Report, ServerCpu};
 use stats::{Latency, Tally};
@@ -350,6 +350,7 @@ fn run(s: &Settings) -> anyhow::Result<Report> {
     let mut first_error = None;
     let mut fatal = None;
     let mut deadline_hit = false;
+    let mut stalls = Stalls::default();
     let mut hold = meter.hold;
     if outcomes.len() < s.threads {
         fatal = Some(format!(
@@ -368,6 +369,7 @@ fn run(s: &Settings) -> anyhow::Result<Report> {
             fatal.clone_from(&o.fatal);
         }
         deadline_hit |= o.deadline_hit;
+        stalls.merge(&o.stalls);
         if let Some(h) = hold.as_mut() {
             h.proven += o.proven;
             h.held += o.held;
@@ -394,6 +396,7 @@ fn run(s: &Settings) -> anyhow::Result<Report> {
         first_error,
         deadline_hit,
         fatal,
+        stalls,
     })
 }
 

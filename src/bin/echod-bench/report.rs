@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::cli::Mode;
+use crate::client::Stalls;
 use crate::procfs::TreeSample;
 use crate::stats::{per_second, ratio, Percentiles, Tally};
 
@@ -68,6 +69,9 @@ pub struct Report {
     pub first_error: Option<String>,
     pub deadline_hit: bool,
     pub fatal: Option<String>,
+    /// Turns of the client's loop that came round late (not counted
+    /// against the server's timeouts).
+    pub stalls: Stalls,
 }
 
 impl Report {
@@ -153,6 +157,11 @@ impl Report {
         j.str("first_error", self.first_error.as_deref());
         j.bool("deadline_hit", self.deadline_hit);
         j.str("fatal", self.fatal.as_deref());
+        j.uint("client_stalls", Some(self.stalls.count));
+        j.num(
+            "client_stall_max_s",
+            Some(self.stalls.longest.as_secs_f64()),
+        );
         j.num("client_cpu_s", self.client_cpu_s);
         j.num("client_cpu_us_per_msg", self.us_per_msg(self.client_cpu_s));
         j.uint("server_pid", self.server_pid.map(|p| p as u64));
@@ -304,6 +313,14 @@ impl Report {
         if self.deadline_hit {
             let _ = writeln!(o, "  stopped at the hard deadline");
         }
+        if self.stalls.count > 0 {
+            let _ = writeln!(
+                o,
+                "  stalls      the client was not run for up to {:.2} s ({} times); timeouts leave that out",
+                self.stalls.longest.as_secs_f64(),
+                self.stalls.count
+            );
+        }
         if let Some(e) = &self.fatal {
             let _ = writeln!(o, "  fatal       {e}");
         }
@@ -450,6 +467,7 @@ mod tests {
             first_error: None,
             deadline_hit: false,
             fatal: None,
+            stalls: Stalls::default(),
         }
     }
 
