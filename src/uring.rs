@@ -688,6 +688,13 @@ impl Worker<'_> {
         }
         if res > 0 {
             let Some(bid) = cqueue::buffer_select(flags) else {
+                // A receive with buffer selection always names its buffer;
+                // without one the bytes cannot be echoed: close (and go on
+                // to `settle` below, which frees the slot once it can).
+                if !c.closed {
+                    self.close(idx, Close::Error(libc::EIO));
+                }
+                self.settle(idx);
                 return;
             };
             self.bufs.free -= 1;
