@@ -23,6 +23,7 @@
 #   HOLD [10000]    connections in the hold load
 #   HOLD_IDLE [2]   seconds the hold connections stay idle
 #   THREADS [nproc] echod-bench client threads
+#   PAIRS [2]       side-by-side repeats of each load per round
 #   BENCH_OUT [$CARGO_TARGET_DIR/bench or target/bench]
 #                   where results.jsonl (every run) and table.md are kept
 #   NO_BUILD        set to skip `cargo build`
@@ -40,6 +41,7 @@ WARMUP=${WARMUP:-1}
 HOLD=${HOLD:-10000}
 HOLD_IDLE=${HOLD_IDLE:-2}
 THREADS=${THREADS:-$(nproc)}
+PAIRS=${PAIRS:-2}
 target=${CARGO_TARGET_DIR:-target}
 out=${BENCH_OUT:-$target/bench}
 
@@ -187,6 +189,16 @@ field() {
     sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p" <<<"$1"
 }
 
+# stalls JSON: says so when the client was not run for a while (the machine
+# froze or was overloaded): that run's figures are suspect for both servers.
+stalls() {
+    local n
+    n=$(field "$1" client_stalls)
+    if [ -n "$n" ] && [ "$n" != null ] && [ "$n" -gt 0 ]; then
+        echo "bench: round $round: the client was not run for up to $(field "$1" client_stall_max_s) s ($n times)" >&2
+    fi
+}
+
 # measure LOAD SERVER PORT PID ARGS...: runs echod-bench, keeps its JSON.
 measure() {
     local load=$1 server=$2 port=$3 pid=$4 json rc=0
@@ -198,6 +210,7 @@ measure() {
         failures=$((failures + 1))
         echo "bench: round $round: $load against $server failed (exit $rc): $(field "$json" first_error)" >&2
     fi
+    stalls "$json"
     printf '  %-13s %-12s %s\n' "$load" "$server" \
         "$(field "$json" msgs_per_s) msgs/s  $(field "$json" mb_per_s) MB/s  p99 $(field "$json" rtt_p99_us) us  cpu $(field "$json" server_cpu_us_per_msg) us/msg  held $(field "$json" held)" >&2
 }
@@ -219,7 +232,8 @@ paired=(-d "$DURATION" --warmup "$WARMUP" -t "$pair_threads")
 
 # measure_pair LOAD SERVER PORT PID ARGS...: runs the same echod-bench load
 # against SERVER and the reference at the same moment and keeps both JSONs,
-# marked with the pair they belong to ("pair":SERVER), as load "pair-LOAD".
+# marked with the pair they belong to ("pair":SERVER) and its repeat within
+# the round ("repeat":N, from $repeat), as load "pair-LOAD".
 measure_pair() {
     local load=$1 server=$2 port=$3 pid=$4 e t erc=0 trc=0 json s rc
     shift 4
@@ -238,24 +252,28 @@ measure_pair() {
         else
             json=$(cat "$tmp/pair-e.json") rc=$erc beside=tokio
         fi
-        printf '{"round":%d,"load":"pair-%s","server":"%s","pair":"%s","rc":%d,"result":%s}\n' \
-            "$round" "$load" "$s" "$server" "$rc" "${json:-null}" >>"$results"
+        printf '{"round":%d,"repeat":%d,"load":"pair-%s","server":"%s","pair":"%s","rc":%d,"result":%s}\n' \
+            "$round" "$repeat" "$load" "$s" "$server" "$rc" "${json:-null}" >>"$results"
         if [ "$rc" -ne 0 ]; then
             failures=$((failures + 1))
             echo "bench: round $round: $load beside $server, against $s, failed (exit $rc): $(field "$json" first_error)" >&2
         fi
+        stalls "$json"
         printf '  %-13s %-12s %s\n' "$load" "$s" \
-            "(beside $beside) $(field "$json" msgs_per_s) msgs/s  $(field "$json" mb_per_s) MB/s  cpu $(field "$json" server_cpu_us_per_msg) us/msg" >&2
+            "(beside $beside) $(field "$json" msgs_per_s) msgs/s  $(field "$json" mb_per_s) MB/s  p99 $(field "$json" rtt_p99_us) us  cpu $(field "$json" server_cpu_us_per_msg) us/msg" >&2
     done
 }
 
-# run_pairs SERVER PORT PID: the side-by-side loads.
+# run_pairs SERVER PORT PID: the side-by-side loads, $PAIRS times.
 run_pairs() {
     local s=$1 port=$2 pid=$3
     [ -n "$ref_port" ] || return 0
-    measure_pair pingpong50 "$s" "$port" "$pid" pingpong -c 50 -l 64 "${paired[@]}"
-    measure_pair pingpong500 "$s" "$port" "$pid" pingpong -c 500 -l 64 "${paired[@]}"
-    measure_pair stream "$s" "$port" "$pid" stream -c 4 -l 65536 "${paired[@]}"
+    for ((repeat = 1; repeat <= PAIRS; repeat++)); do
+        measure_pair pingpong50 "$s" "$port" "$pid" pingpong -c 50 -l 64 "${paired[@]}"
+        measure_pair pingpong500 "$s" "$port" "$pid" pingpong -c 500 -l 64 "${paired[@]}"
+        measure_pair pingpong1 "$s" "$port" "$pid" pingpong -c 1 -l 64 "${paired[@]}"
+        measure_pair stream "$s" "$port" "$pid" stream -c 4 -l 65536 "${paired[@]}"
+    done
 }
 
 echo "bench: $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1), Linux $(uname -r)" >&2
@@ -385,16 +403,17 @@ row() {
     printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$2" "$(fmt "$e" "$6")" "$(fmt "$t" "$6")" "$(ratio "$e" "$t")" "$3"
 }
 
-# pair_ratio LOAD SERVER KEY: "MEDIAN MIN MAX" over the rounds of the
-# ratio SERVER / reference of KEY, each ratio taken from one side-by-side
-# pair (the same moment), or "n/a".
+# pair_ratio LOAD SERVER KEY: "MEDIAN MIN MAX" over the pairs (rounds and
+# repeats) of the ratio SERVER / reference of KEY, each ratio taken from one
+# side-by-side pair (the same moment), or "n/a".
 pair_ratio() {
-    local line json v r values=()
+    local line json v r rep values=()
     local -A mine=() theirs=()
     while IFS= read -r line; do
         case $line in *"\"load\":\"pair-$1\","*"\"pair\":\"$2\",\"rc\":0,"*) ;; *) continue ;; esac
         r=${line#*\"round\":}
-        r=${r%%,*}
+        rep=${line#*\"repeat\":}
+        r=${r%%,*}.${rep%%,*}
         json=${line#*\"result\":}
         v=$(field "$json" "$3")
         if [ -z "$v" ] || [ "$v" = null ]; then continue; fi
@@ -441,7 +460,7 @@ table=$out/table.md
     row "hold $HOLD idle conns" "server RSS KiB/conn" lower hold rss_kib_per_conn 2
     row "hold $HOLD idle conns" "server PSS KiB/conn" lower hold pss_kib_per_conn 2
     echo
-    echo "Side by side (the load against echod and the reference at the same moment, $pair_threads client threads each): median (min-max) over the rounds of each pair's ratio echod / reference."
+    echo "Side by side (the load against echod and the reference at the same moment, $pair_threads client threads each, $PAIRS pairs per round): median (min-max) over the $((ROUNDS * PAIRS)) pairs of each pair's ratio echod / reference."
     echo
     echo "| load | metric | echod / reference | echod (io_uring) / reference | better |"
     echo "| --- | --- | ---: | ---: | --- |"
@@ -449,6 +468,8 @@ table=$out/table.md
     pair_row "pingpong 64 B x 50 conns" "server CPU us/msg" lower pingpong50 server_cpu_us_per_msg
     pair_row "pingpong 64 B x 500 conns" "msgs/s" higher pingpong500 msgs_per_s
     pair_row "pingpong 64 B x 500 conns" "server CPU us/msg" lower pingpong500 server_cpu_us_per_msg
+    pair_row "pingpong 64 B x 1 conn" "p50 us" lower pingpong1 rtt_p50_us
+    pair_row "pingpong 64 B x 1 conn" "p99 us" lower pingpong1 rtt_p99_us
     pair_row "stream 4 conns x 64 KiB" "MB/s" higher stream mb_per_s
     pair_row "stream 4 conns x 64 KiB" "server CPU s/GB" lower stream server_cpu_s_per_gb
 } >"$table"
