@@ -4,10 +4,9 @@
 # Markdown table of the medians and the ratio echod / reference.
 #
 # Starts, per round: echod in prefork mode (workers = nproc), echod in fork
-# mode (for the connection-rate load only), echod with the experimental
-# io_uring worker (after the other two, every round) and
-# examples/tokio_echo.rs, each
-# on 127.0.0.1:0 (the port is read from its log). Then, side by side, the
+# mode (for the connection-rate load only), echod with the io_uring worker
+# (after the other two, every round) and examples/tokio_echo.rs, each on
+# 127.0.0.1:0 (the port is read from its log). Then, side by side, the
 # CPU loads run against echod and the reference at the same moment (two
 # echod-bench processes started together), so that both servers see the same
 # machine: the ratio of each such pair is kept, and the table gives the
@@ -297,7 +296,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     else
         failures=$((failures + 1))
     fi
-    # The experimental io_uring worker, measured beside the epoll one.
+    # The io_uring worker, measured beside the epoll one.
     if start_server echod-uring "$echod" --config "$(echod_config prefork io_uring)"; then
         uring_pid=$server_pid uring_port=$server_port
     else
