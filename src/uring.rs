@@ -427,18 +427,7 @@ impl Worker<'_> {
         }
         if res >= 0 {
             // SAFETY: the kernel just made this descriptor for us.
-            let stream = unsafe { TcpStream::from_raw_fd(res) };
-            let full = self.open >= self.config.max_connections;
-            if !full {
-                self.admit(stream);
-            } else if self.config.overload == Overload::Reject {
-                self.gate.refuse_overload(stream, self.now);
-            } else {
-                self.parked.push_back(stream);
-            }
-            if self.open >= self.config.max_connections && self.config.overload == Overload::Wait {
-                self.pause_accepting(Accepting::Full);
-            }
+            self.accepted(unsafe { TcpStream::from_raw_fd(res) });
         } else {
             let e = io::Error::from_raw_os_error(-res);
             match -res {
@@ -487,18 +476,7 @@ impl Worker<'_> {
                 match l.accept() {
                     Ok((stream, _)) => {
                         log::debug!("accepted a connection whose wake-up was lost");
-                        if self.open < self.config.max_connections {
-                            self.admit(stream);
-                        } else if self.config.overload == Overload::Reject {
-                            self.gate.refuse_overload(stream, self.now);
-                        } else {
-                            self.parked.push_back(stream);
-                        }
-                        if self.open >= self.config.max_connections
-                            && self.config.overload == Overload::Wait
-                        {
-                            self.pause_accepting(Accepting::Full);
-                        }
+                        self.accepted(stream);
                     }
                     Err(_) => break,
                 }
@@ -598,6 +576,22 @@ impl Worker<'_> {
             }
         }
         log::info!("draining {} connections", self.open + self.parked.len());
+    }
+
+    /// Takes a connection the kernel accepted (by a request or by the
+    /// rescue): served if there is room; at `max_connections` refused or
+    /// parked as `overload` says, and accepting paused for `"wait"`.
+    fn accepted(&mut self, stream: TcpStream) {
+        if self.open < self.config.max_connections {
+            self.admit(stream);
+        } else if self.config.overload == Overload::Reject {
+            self.gate.refuse_overload(stream, self.now);
+        } else {
+            self.parked.push_back(stream);
+        }
+        if self.open >= self.config.max_connections && self.config.overload == Overload::Wait {
+            self.pause_accepting(Accepting::Full);
+        }
     }
 
     /// Applies the admission rules (see [`Gate`]), then serves the
