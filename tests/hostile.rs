@@ -175,14 +175,12 @@ fn send_until_blocked(s: &mut TcpStream, pattern: &[u8], quiet: Duration) -> (u6
     (sent, blocked_since.is_some())
 }
 
-/// The body of the non-reading-client tests; `mode` is "prefork" (one
-/// worker, which must keep serving others) or "fork".
-fn non_reading_client(mode: &str, extra: &str) {
+/// The body of the non-reading-client tests; `mode` is "prefork" or
+/// "io_uring" (one worker, which must keep serving others) or "fork".
+fn non_reading_client(mode: &str) {
     let e = start(
         mode,
-        &format!(
-            "workers = 1\nbuffer_size = 65536\nidle_timeout = 0\nmax_connections = 100\n{extra}"
-        ),
+        "workers = 1\nbuffer_size = 65536\nidle_timeout = 0\nmax_connections = 100",
     );
     let addr = e.addr();
     // Warm the server up with 1 MiB, so that its scratch buffer and
@@ -292,7 +290,7 @@ fn non_reading_client(mode: &str, extra: &str) {
 /// of stream.
 #[test]
 fn prefork_non_reading_client_is_backpressured() {
-    non_reading_client("prefork", "");
+    non_reading_client("prefork");
 }
 
 /// `io_uring_non_reading_client_is_backpressured`: the same with the
@@ -300,7 +298,7 @@ fn prefork_non_reading_client_is_backpressured() {
 /// client's receive once a buffer's worth waits behind the send in flight.
 #[test]
 fn io_uring_non_reading_client_is_backpressured() {
-    non_reading_client("prefork", "io = \"io_uring\"");
+    non_reading_client("io_uring");
 }
 
 /// `fork_non_reading_client_is_backpressured`: the same in fork mode,
@@ -308,7 +306,7 @@ fn io_uring_non_reading_client_is_backpressured() {
 /// spinning, others served, exact bytes back.
 #[test]
 fn fork_non_reading_client_is_backpressured() {
-    non_reading_client("fork", "");
+    non_reading_client("fork");
 }
 
 /// The body of the stuck-send tests: a client that sends without reading
@@ -316,10 +314,10 @@ fn fork_non_reading_client_is_backpressured() {
 /// written, then falls silent. `idle_timeout` must close it all the same:
 /// the worker gives its descriptor up (its count is back to what it was
 /// before the client came) and serves the next client.
-fn stuck_send_is_closed_at_idle_timeout(extra: &str) {
+fn stuck_send_is_closed_at_idle_timeout(mode: &str) {
     let e = start(
-        "prefork",
-        &format!("workers = 1\nbuffer_size = 65536\nidle_timeout = \"1s\"\n{extra}"),
+        mode,
+        "workers = 1\nbuffer_size = 65536\nidle_timeout = \"1s\"",
     );
     let addr = e.addr();
     let w = e.workers();
@@ -357,7 +355,7 @@ fn stuck_send_is_closed_at_idle_timeout(extra: &str) {
 /// closed at `idle_timeout` like any idle one.
 #[test]
 fn prefork_stuck_send_is_closed_at_idle_timeout() {
-    stuck_send_is_closed_at_idle_timeout("");
+    stuck_send_is_closed_at_idle_timeout("prefork");
 }
 
 /// `io_uring_stuck_send_is_closed_at_idle_timeout`: the same with the
@@ -365,7 +363,7 @@ fn prefork_stuck_send_is_closed_at_idle_timeout() {
 /// (the socket is shut down) before the descriptor can be closed.
 #[test]
 fn io_uring_stuck_send_is_closed_at_idle_timeout() {
-    stuck_send_is_closed_at_idle_timeout("io = \"io_uring\"");
+    stuck_send_is_closed_at_idle_timeout("io_uring");
 }
 
 // ---------------------------------------------------------------------------
@@ -395,12 +393,9 @@ fn stay_active(addr: SocketAddr) -> Result<(), (bool, String)> {
 }
 
 /// The body of the idle-timeout tests.
-fn idle_timeout(mode: &str, extra: &str) {
-    let e = start(
-        mode,
-        &format!("workers = 1\nidle_timeout = \"1s\"\n{extra}"),
-    );
-    let never = start(mode, &format!("workers = 1\nidle_timeout = 0\n{extra}"));
+fn idle_timeout(mode: &str) {
+    let e = start(mode, "workers = 1\nidle_timeout = \"1s\"");
+    let never = start(mode, "workers = 1\nidle_timeout = 0");
     let (addr, never_addr) = (e.addr(), never.addr());
 
     let idle = std::thread::spawn(move || {
@@ -466,20 +461,20 @@ fn idle_timeout(mode: &str, extra: &str) {
 /// echoing after 3 s.
 #[test]
 fn prefork_idle_timeout_closes_only_idle_connections() {
-    idle_timeout("prefork", "");
+    idle_timeout("prefork");
 }
 
 /// `io_uring_idle_timeout_closes_only_idle_connections`: the same with the
 /// io_uring worker.
 #[test]
 fn io_uring_idle_timeout_closes_only_idle_connections() {
-    idle_timeout("prefork", "io = \"io_uring\"");
+    idle_timeout("io_uring");
 }
 
 /// `fork_idle_timeout_closes_only_idle_connections`: the same in fork mode.
 #[test]
 fn fork_idle_timeout_closes_only_idle_connections() {
-    idle_timeout("fork", "");
+    idle_timeout("fork");
 }
 
 /// `prefork_idle_timeout_is_honoured_within_a_quarter`: with

@@ -189,22 +189,22 @@ fn prefork_pool_is_exactly_workers_and_a_killed_worker_is_replaced() {
     eprintln!("worker {victim} replaced by {fresh} in {took:?}");
 
     for (i, s) in conns.iter_mut().enumerate() {
-        let port = client_addr(s);
-        if held[&port][0] == victim {
+        let addr = client_addr(s);
+        if held[&addr][0] == victim {
             assert_closed_by_server(
                 s,
                 Duration::from_secs(3),
-                &format!("killed worker's connection {port}"),
+                &format!("killed worker's connection {addr}"),
             );
         } else {
             let p = payload(7000 + i as u64, 5000);
             let back = roundtrip(s, &p).unwrap_or_else(|err| {
                 panic!(
-                    "surviving connection {port} (worker {}): {err}",
-                    held[&port][0]
+                    "surviving connection {addr} (worker {}): {err}",
+                    held[&addr][0]
                 )
             });
-            assert!(back == p, "surviving connection {port} echo differs");
+            assert!(back == p, "surviving connection {addr} echo differs");
         }
     }
     for (i, &a) in addrs.iter().cycle().take(6).enumerate() {
