@@ -40,6 +40,13 @@ fn sd_notify_ready_reloading_stopping() {
     assert!(m.contains("STATUS=generation 1: 2 workers"), "{m:?}");
     // READY means serving: the workers are up and echo works right away.
     assert_eq!(e.workers().len(), 2);
+    // The address is read from the log, which a thread of the harness
+    // collects: it may lag behind the READY message.
+    assert!(
+        e.wait_log("listening on", Duration::from_secs(10)),
+        "{}",
+        e.log()
+    );
     echo_once(e.addr(), b"ready means serving");
     e.signal(libc::SIGHUP);
     let m = next_message(&rx);
