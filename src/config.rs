@@ -134,6 +134,11 @@ pub struct Config {
     pub workers: usize,
     /// The prefork workers' I/O backend. Unused in fork mode.
     pub io: IoBackend,
+    /// How long a prefork worker keeps polling without sleeping after a
+    /// loop turn that brought events, 0..=1 s; zero never polls. Unused in
+    /// fork mode.
+    #[serde(serialize_with = "serialize_duration")]
+    pub busy_poll: Duration,
     /// The connection cap, 1..=1_000_000: per worker in prefork mode, live
     /// children in fork mode.
     pub max_connections: usize,
@@ -380,6 +385,7 @@ impl Default for Config {
             mode: Mode::Prefork,
             workers: default_workers(),
             io: IoBackend::Epoll,
+            busy_poll: Duration::ZERO,
             max_connections: 1024,
             max_connections_per_ip: 0,
             overload: Overload::Wait,
@@ -485,6 +491,7 @@ impl Config {
             ("mode", Some(quote(self.mode.as_str()))),
             ("workers", Some(self.workers.to_string())),
             ("io", Some(quote(self.io.as_str()))),
+            ("busy_poll", Some(quote(&format_duration(self.busy_poll)))),
             ("max_connections", Some(self.max_connections.to_string())),
             (
                 "max_connections_per_ip",
@@ -645,6 +652,7 @@ pub const TOP_KEYS: &[&str] = &[
     "mode",
     "workers",
     "io",
+    "busy_poll",
     "max_connections",
     "max_connections_per_ip",
     "overload",
@@ -671,6 +679,9 @@ const MAX_CONNECTIONS: (i128, i128) = (1, 1_000_000);
 const MAX_CONNECTIONS_PER_IP: (i128, i128) = (0, 1_000_000);
 const BUFFER_SIZE: (i128, i128) = (512, 16 * 1024 * 1024);
 const MAX_REQUESTS: (i128, i128) = (0, u64::MAX as i128);
+/// The longest `busy_poll`: polling is for gaps of microseconds between
+/// messages; a longer window only burns CPU.
+const MAX_BUSY_POLL: Duration = Duration::from_secs(1);
 
 /// A key and its value as they appear in the document.
 type Entry<'a, 'i> = (&'a Spanned<Cow<'i>>, &'a Spanned<DeValue<'i>>);
@@ -711,6 +722,7 @@ fn parse_document(text: &str) -> Result<Config, Fault> {
                     ],
                 )?;
             }
+            "busy_poll" => config.busy_poll = busy_poll(value)?,
             "max_connections" => {
                 config.max_connections = integer(value, "max_connections", MAX_CONNECTIONS)?;
             }
@@ -1122,22 +1134,40 @@ fn duration(value: &Spanned<DeValue<'_>>, key: &str) -> Result<Duration, Fault> 
     result.map_err(|message| Fault::at(value, key, message))
 }
 
+/// The `busy_poll` key: a duration of at most [`MAX_BUSY_POLL`].
+fn busy_poll(value: &Spanned<DeValue<'_>>) -> Result<Duration, Fault> {
+    let d = duration(value, "busy_poll")?;
+    if d > MAX_BUSY_POLL {
+        return Err(Fault::at(
+            value,
+            "busy_poll",
+            format!(
+                "\"{}\" is longer than the limit of 1s; a busy poll waits for \
+                 the next message for microseconds, such as \"50us\"",
+                format_duration(d)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
 /// The message for a duration over the one-year limit.
 fn too_long(shown: &str) -> String {
     format!("{shown} is longer than the limit of one year (8760h)")
 }
 
 /// Parses a duration written as a string: a non-negative decimal number with
-/// an optional unit, `ms`, `s`, `m` or `h` (seconds when there is none), for
-/// example "250ms", "30s", "1.5s", "5m", "1h", "30". At most one year.
+/// an optional unit, `us`, `ms`, `s`, `m` or `h` (seconds when there is
+/// none), for example "50us", "250ms", "30s", "1.5s", "5m", "1h", "30". At
+/// most one year.
 ///
 /// The decimal is converted exactly, in integer nanoseconds (digits below a
 /// nanosecond are dropped), so that what [`Config::to_toml`] writes reads
 /// back to the very same `Duration`. The error is a complete sentence
 /// fragment that quotes the input, to follow `key: ` in a message.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    const FORMS: &str = "write a number with an optional unit ms, s, m or h, \
-                         such as \"250ms\", \"30s\", \"1.5s\", \"5m\" or \"1h\"";
+    const FORMS: &str = "write a number with an optional unit us, ms, s, m or h, \
+                         such as \"50us\", \"250ms\", \"30s\", \"1.5s\", \"5m\" or \"1h\"";
     let shown = quote_short(s);
     let trimmed = s.trim();
     if trimmed.starts_with('-') {
@@ -1150,6 +1180,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let nanos_per_unit: u128 = match unit.trim_start() {
         "" | "s" => 1_000_000_000,
         "ms" => 1_000_000,
+        "us" => 1_000,
         "m" => 60_000_000_000,
         "h" => 3_600_000_000_000,
         _ if number.is_empty() => return Err(format!("{shown} is not a duration; {FORMS}")),
@@ -1197,7 +1228,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Writes a duration in the largest unit that represents it exactly: "1h",
-/// "5m", "30s", "250ms", or seconds with a decimal fraction ("1.000000001s")
+/// "5m", "30s", "250ms", "50us", or seconds with a decimal fraction ("1.000000001s")
 /// when nothing coarser is exact. [`parse_duration`] reads every output back
 /// to the same value.
 fn format_duration(d: Duration) -> String {
@@ -1213,6 +1244,8 @@ fn format_duration(d: Duration) -> String {
         }
     } else if nanos % 1_000_000 == 0 {
         format!("{}ms", d.as_millis())
+    } else if nanos % 1_000 == 0 {
+        format!("{}us", d.as_micros())
     } else {
         let fraction = format!("{nanos:09}");
         format!("{secs}.{}s", fraction.trim_end_matches('0'))
@@ -1280,6 +1313,7 @@ mod tests {
             mode: Mode::Fork,
             workers: 7,
             io: IoBackend::IoUring,
+            busy_poll: Duration::from_micros(50),
             max_connections: 10_000,
             max_connections_per_ip: 16,
             overload: Overload::Reject,
@@ -1350,6 +1384,7 @@ mod tests {
             mode = "fork"
             workers = 7
             io = "io_uring"
+            busy_poll = "50us"
             max_connections = 10_000
             max_connections_per_ip = 16
             overload = "reject"
@@ -1421,6 +1456,8 @@ mod tests {
             ("0.000000001s", Duration::from_nanos(1)),
             ("0.0000000019s", Duration::from_nanos(1)),
             ("1.5ms", Duration::from_micros(1500)),
+            ("50us", Duration::from_micros(50)),
+            ("2.5us", Duration::from_nanos(2500)),
             ("0.25h", Duration::from_secs(900)),
             ("8760h", Duration::from_secs(MAX_DURATION_SECS)),
         ];
@@ -1462,6 +1499,8 @@ mod tests {
             (Duration::from_millis(61_500), "61500ms"),
             (Duration::new(1, 1), "1.000000001s"),
             (Duration::new(0, 1_500), "0.0000015s"),
+            (Duration::from_micros(50), "50us"),
+            (Duration::from_micros(1_000_001), "1000001us"),
         ];
         for (d, want) in cases {
             assert_eq!(format_duration(d), want);
@@ -1527,7 +1566,7 @@ mod tests {
         );
         assert_eq!(
             error("\"a b\\n\" = 1\n"),
-            "/tmp/x.toml:1:1: \"a b\\n\": unknown key; the keys at the top level are listen, backlog, mode, workers, io, max_connections, max_connections_per_ip, overload, buffer_size, idle_timeout, shutdown_timeout, worker_timeout, max_requests_per_worker, pid_file, user, group, daemon, log"
+            "/tmp/x.toml:1:1: \"a b\\n\": unknown key; the keys at the top level are listen, backlog, mode, workers, io, busy_poll, max_connections, max_connections_per_ip, overload, buffer_size, idle_timeout, shutdown_timeout, worker_timeout, max_requests_per_worker, pid_file, user, group, daemon, log"
         );
         assert_eq!(
             error("[log.rotate]\nsize = 1\n"),
@@ -1638,6 +1677,10 @@ mod tests {
             "/tmp/x.toml:2:6: io: expected \"epoll\" or \"io_uring\", found \"uring\""
         );
         assert_eq!(
+            error("busy_poll = \"2s\""),
+            "/tmp/x.toml:1:13: busy_poll: \"2s\" is longer than the limit of 1s; a busy poll waits for the next message for microseconds, such as \"50us\""
+        );
+        assert_eq!(
             error("io = 1"),
             "/tmp/x.toml:1:6: io: expected \"epoll\" or \"io_uring\", found an integer"
         );
@@ -1664,7 +1707,7 @@ mod tests {
     fn bad_durations_are_named_with_their_position() {
         assert_eq!(
             error("idle_timeout = \"5x\""),
-            "/tmp/x.toml:1:16: idle_timeout: \"5x\" has an unknown unit \"x\"; write a number with an optional unit ms, s, m or h, such as \"250ms\", \"30s\", \"1.5s\", \"5m\" or \"1h\""
+            "/tmp/x.toml:1:16: idle_timeout: \"5x\" has an unknown unit \"x\"; write a number with an optional unit us, ms, s, m or h, such as \"50us\", \"250ms\", \"30s\", \"1.5s\", \"5m\" or \"1h\""
         );
         assert_eq!(
             error("shutdown_timeout = -1"),
@@ -1692,11 +1735,11 @@ mod tests {
         );
         assert_eq!(
             error("idle_timeout = \"2y\""),
-            "/tmp/x.toml:1:16: idle_timeout: \"2y\" has an unknown unit \"y\"; write a number with an optional unit ms, s, m or h, such as \"250ms\", \"30s\", \"1.5s\", \"5m\" or \"1h\""
+            "/tmp/x.toml:1:16: idle_timeout: \"2y\" has an unknown unit \"y\"; write a number with an optional unit us, ms, s, m or h, such as \"50us\", \"250ms\", \"30s\", \"1.5s\", \"5m\" or \"1h\""
         );
         assert_eq!(
             error("idle_timeout = \"\""),
-            "/tmp/x.toml:1:16: idle_timeout: \"\" is not a duration; write a number with an optional unit ms, s, m or h, such as \"250ms\", \"30s\", \"1.5s\", \"5m\" or \"1h\""
+            "/tmp/x.toml:1:16: idle_timeout: \"\" is not a duration; write a number with an optional unit us, ms, s, m or h, such as \"50us\", \"250ms\", \"30s\", \"1.5s\", \"5m\" or \"1h\""
         );
         assert_eq!(
             parse("idle_timeout = -0.0").unwrap().idle_timeout,
@@ -1917,6 +1960,7 @@ mod tests {
         new.listen = vec!["0.0.0.0:7".parse().unwrap()];
         new.mode = Mode::Fork;
         new.io = IoBackend::IoUring;
+        new.busy_poll = Duration::from_micros(50);
         new.user = Some("echod".to_owned());
         new.idle_timeout = Duration::from_secs(30);
         new.log.level = log::LevelFilter::Debug;
@@ -1927,12 +1971,13 @@ mod tests {
                 "mode \"prefork\" -> \"fork\"".to_owned(),
                 format!("workers {} -> {}", old.workers, new.workers),
                 "io \"epoll\" -> \"io_uring\"".to_owned(),
+                "busy_poll \"0s\" -> \"50us\"".to_owned(),
                 "idle_timeout \"5m\" -> \"30s\"".to_owned(),
                 "user (unset) -> \"echod\"".to_owned(),
                 "log.level \"info\" -> \"debug\"".to_owned(),
             ]
         );
-        assert_eq!(new.changes(&old).len(), 7);
+        assert_eq!(new.changes(&old).len(), 8);
     }
 
     #[test]
@@ -1989,7 +2034,7 @@ mod tests {
             Just("99999999999999999999999999999999999999999".to_owned()),
             any::<bool>().prop_map(|b| b.to_string()),
             Just("1979-05-27T07:32:00Z".to_owned()),
-            "[0-9.]{0,6}(ms|s|m|h|x| s)?".prop_map(|s| quote(&s)),
+            "[0-9.]{0,6}(us|ms|s|m|h|x| s)?".prop_map(|s| quote(&s)),
             any::<String>().prop_map(|s| quote(&s)),
             prop::sample::select(vec![
                 "prefork",
@@ -2067,6 +2112,11 @@ mod tests {
             (0..=MAX_DURATION_SECS).prop_map(Duration::from_secs),
             (0u64..100_000).prop_map(Duration::from_millis),
         ];
+        let busy_poll = prop_oneof![
+            Just(Duration::ZERO),
+            (0..=MAX_BUSY_POLL.as_micros() as u64).prop_map(Duration::from_micros),
+            (0..=MAX_BUSY_POLL.as_nanos() as u64).prop_map(Duration::from_nanos),
+        ];
         let name = "[^\u{0}]{1,12}";
         let abs = "/[^\u{0}]{0,20}".prop_map(PathBuf::from);
         let level = prop::sample::select(log::LevelFilter::iter().collect::<Vec<_>>());
@@ -2094,6 +2144,7 @@ mod tests {
                 prop::sample::select(vec![Mode::Prefork, Mode::Fork]),
                 1..=512usize,
                 prop::sample::select(vec![IoBackend::Epoll, IoBackend::IoUring]),
+                busy_poll,
                 1..=1_000_000usize,
                 0..=1_000_000usize,
                 prop::sample::select(vec![Overload::Wait, Overload::Reject]),
@@ -2119,6 +2170,7 @@ mod tests {
                         mode,
                         workers,
                         io,
+                        busy_poll,
                         max_connections,
                         max_connections_per_ip,
                         overload,
@@ -2141,6 +2193,7 @@ mod tests {
                     mode,
                     workers,
                     io,
+                    busy_poll,
                     max_connections,
                     max_connections_per_ip,
                     overload,

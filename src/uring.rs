@@ -56,7 +56,7 @@ use crate::listener::Listener;
 use crate::process::exit_code;
 use crate::scoreboard::{now_ms, IpKey};
 use crate::signals::SignalPipe;
-use crate::worker::{on_signal, tick_ms, Accepting, Gate, Seat, Signaled, TICK_MS};
+use crate::worker::{on_signal, tick_ms, Accepting, BusyPoll, Gate, Seat, Signaled, TICK_MS};
 
 /// Whether listeners get a multishot accept (one request for every
 /// connection) or a one-shot accept armed again after each connection.
@@ -199,6 +199,9 @@ impl Ring {
             .setup_cqsize(SQ_ENTRIES * 4)
             .setup_single_issuer()
             .setup_defer_taskrun()
+            // IORING_SQ_TASKRUN tells a busy-polling `submit()` that
+            // completions wait to be run (see `Worker::enter`).
+            .setup_taskrun_flag()
             .build(SQ_ENTRIES)
             .or_else(|_| {
                 IoUring::builder()
@@ -276,6 +279,7 @@ struct Worker<'a> {
     /// Connections whose receive stopped for want of buffers.
     starved: Vec<usize>,
     now: u64,
+    busy: BusyPoll,
     signal_fd: i32,
 }
 
@@ -303,6 +307,7 @@ pub fn run(
         open: 0,
         starved: Vec::new(),
         now: now_ms(),
+        busy: BusyPoll::new(config),
         signal_fd: signals.as_fd().as_raw_fd(),
     };
     log::debug!("io_uring worker: {} receive buffers", w.bufs.entries);
@@ -330,6 +335,22 @@ impl Worker<'_> {
         self.push(e);
     }
 
+    /// The loop turn's one `io_uring_enter`: submits the queued requests
+    /// and waits up to `wait_ms` for a completion, or, while busy polling,
+    /// does not wait: `submit()` then asks the kernel to run the deferred
+    /// completions (`IORING_ENTER_GETEVENTS`) when `IORING_SQ_TASKRUN`
+    /// says there are some, and returns.
+    fn enter(&mut self, wait_ms: u64) -> io::Result<usize> {
+        if self.busy.polling() {
+            return self.ring.submit();
+        }
+        let ts = types::Timespec::new()
+            .sec(wait_ms / 1000)
+            .nsec((wait_ms % 1000) as u32 * 1_000_000);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        self.ring.submitter().submit_with_args(1, &args)
+    }
+
     fn run(&mut self, signals: &mut SignalPipe) -> i32 {
         let tick = tick_ms(self.config);
         let mut next_scan = self.now + tick;
@@ -341,12 +362,7 @@ impl Worker<'_> {
             if let Accepting::Starved(t) = self.accepting {
                 until = until.min(t);
             }
-            let wait = until.saturating_sub(self.now).min(TICK_MS);
-            let ts = types::Timespec::new()
-                .sec(wait / 1000)
-                .nsec((wait % 1000) as u32 * 1_000_000);
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
+            match self.enter(until.saturating_sub(self.now).min(TICK_MS)) {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
@@ -365,6 +381,7 @@ impl Worker<'_> {
                     .completion()
                     .map(|c| (c.user_data(), c.result(), c.flags())),
             );
+            self.busy.after_wait(cqes.len());
             for &(data, res, flags) in &cqes {
                 let idx = (data >> 8) as usize;
                 match data & 0xff {

@@ -31,10 +31,26 @@
 //! (docs/BENCHMARKS.md): the same CPU per message and per connection as
 //! `SO_REUSEPORT` and as the plain herd; the price is placement, since the
 //! woken worker accepts a whole burst.
+//!
+//! ## Busy polling (`busy_poll`, off by default)
+//! A worker that sleeps in `epoll_wait` between two messages of a
+//! connection pays for the sleep twice: the kernel's wake-up (a context
+//! switch, often an inter-processor interrupt, and the idle CPU's way back
+//! from its idle state, which on a virtual machine is an exit to the
+//! hypervisor) lengthens the round trip, and its CPU time is charged to the
+//! worker. With `busy_poll` set, a loop turn that brought events is
+//! followed by waits that do not sleep (`epoll_wait` with a zero timeout),
+//! until `busy_poll` passes without an event; then the worker sleeps as
+//! usual. It is the user-space form of the kernel's `net.core.busy_poll`
+//! (which needs a device with NAPI and does nothing on loopback or most
+//! virtual NICs), and like it trades a CPU for latency: a worker whose
+//! connections keep sending with gaps shorter than the window runs all the
+//! time; an idle one costs nothing. See [`BusyPoll`].
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
@@ -286,6 +302,43 @@ pub(crate) enum Accepting {
     Closed,
 }
 
+/// The `busy_poll` window of a worker loop (both loops): after a wait that
+/// returned events, the waits do not sleep until the window has passed
+/// without any.
+pub(crate) struct BusyPoll {
+    window: Duration,
+    /// Until when the waits do not sleep; `None` when the worker sleeps.
+    until: Option<Instant>,
+}
+
+impl BusyPoll {
+    pub(crate) fn new(config: &Config) -> BusyPoll {
+        BusyPoll {
+            window: config.busy_poll,
+            until: None,
+        }
+    }
+
+    /// Whether the next wait must return at once instead of sleeping.
+    pub(crate) fn polling(&mut self) -> bool {
+        match self.until {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                self.until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Records a wait that returned `events` events.
+    pub(crate) fn after_wait(&mut self, events: usize) {
+        if events > 0 && !self.window.is_zero() {
+            self.until = Some(Instant::now() + self.window);
+        }
+    }
+}
+
 /// The worker's whole state.
 struct Worker<'a> {
     config: &'a Config,
@@ -297,6 +350,7 @@ struct Worker<'a> {
     scratch: Vec<u8>,
     accepting: Accepting,
     gate: Gate<'a>,
+    busy: BusyPoll,
     now: u64,
 }
 
@@ -353,6 +407,7 @@ impl<'a> Worker<'a> {
             scratch: vec![0; config.buffer_size],
             accepting: Accepting::Full,
             gate: Gate::new(config, seat),
+            busy: BusyPoll::new(config),
             now: now_ms(),
         };
         w.resume_accepting()?;
@@ -365,7 +420,11 @@ impl<'a> Worker<'a> {
         let mut next_scan = self.now + tick;
         loop {
             self.gate.cell().beat(self.now, self.open);
-            let timeout = self.wait_ms(next_scan);
+            let timeout = if self.busy.polling() {
+                0
+            } else {
+                self.wait_ms(next_scan)
+            };
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => 0,
@@ -375,6 +434,7 @@ impl<'a> Worker<'a> {
                 }
             };
             self.now = now_ms();
+            self.busy.after_wait(n);
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_SIGNALS => {

@@ -1,12 +1,15 @@
 //! RFC 862 echo, end to end: every byte a client sends comes back, in
 //! order, nothing more, over IPv4 and IPv6, in both serving modes, under
-//! many concurrent connections; and `--single-process` serves with no
-//! child at all.
+//! many concurrent connections; `--single-process` serves with no child at
+//! all; and `busy_poll` keeps a worker polling after traffic, then lets it
+//! sleep.
 //!
 //! The test process never forks: each connection gets a writer thread and a
 //! reader thread, so a large payload cannot deadlock on full socket buffers.
 
 mod common;
+#[path = "common/hostile.rs"]
+mod hostile;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -298,4 +301,76 @@ fn single_process_serves_without_children() {
         "errors in the log:\n{}",
         e.log()
     );
+}
+
+/// Waits (up to 10 s) until `pid` has used no CPU for half a second, and
+/// returns its CPU ticks then; `None` if it never settles.
+fn settled_ticks(pid: i32) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = hostile::cpu_ticks(pid)?;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = hostile::cpu_ticks(pid)?;
+        if now == last {
+            return Some(now);
+        }
+        last = now;
+    }
+    None
+}
+
+/// With `busy_poll = "1s"` on `io`, one worker: once a connection has been
+/// served, the worker keeps running (polls without sleeping) for about the
+/// window, and then sleeps again (its CPU time stops growing); without
+/// `busy_poll` the same connection costs it next to no CPU time.
+fn busy_poll(io: &str) {
+    let cfg = |extra: &str| config(&format!("workers = 1\nio = \"{io}\"\n{extra}"));
+    let polling = Echod::start(&cfg("busy_poll = \"1s\""));
+    let sleeping = Echod::start(&cfg(""));
+    let tick_ms = 1000 / hostile::ticks_per_sec();
+    for (e, busy) in [(&polling, true), (&sleeping, false)] {
+        let worker = e.workers()[0];
+        let before = settled_ticks(worker).expect("an idle worker keeps using CPU");
+        echo_once(e.addr(), b"busy poll\r\n");
+        let t0 = Instant::now();
+        if busy {
+            // Within the window the worker runs: 200 ms of CPU time out of
+            // up to 1 s, on a machine that may be busy with other tests.
+            let ran = wait_until(Duration::from_secs(5), || {
+                hostile::cpu_ticks(worker).unwrap_or(0) >= before + 200 / tick_ms
+            });
+            assert!(ran, "{io}: the worker did not poll after the connection");
+            // And then it sleeps: its CPU time settles, and in all it ran
+            // about the window, not on and on.
+            let after = settled_ticks(worker).expect("the worker kept polling");
+            let ran_ms = (after - before) * tick_ms;
+            assert!(
+                ran_ms <= 3000,
+                "{io}: the worker ran {ran_ms} ms for a 1 s window ({:?})",
+                t0.elapsed()
+            );
+        } else {
+            std::thread::sleep(Duration::from_millis(1500));
+            let ran_ms = (hostile::cpu_ticks(worker).unwrap() - before) * tick_ms;
+            assert!(
+                ran_ms <= 50,
+                "{io}: without busy_poll the worker ran {ran_ms} ms after one connection"
+            );
+        }
+        echo_once(e.addr(), b"still serving\r\n");
+        assert!(e.error_lines().is_empty(), "{}", e.log());
+    }
+}
+
+/// `busy_poll_runs_then_sleeps_on_epoll`: see [`busy_poll`].
+#[test]
+fn busy_poll_runs_then_sleeps_on_epoll() {
+    busy_poll("epoll");
+}
+
+/// `busy_poll_runs_then_sleeps_on_io_uring`: the same on the io_uring
+/// worker.
+#[test]
+fn busy_poll_runs_then_sleeps_on_io_uring() {
+    busy_poll("io_uring");
 }

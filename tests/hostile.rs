@@ -1335,6 +1335,16 @@ fn config_cases() -> Vec<(&'static str, Vec<u8>, Want)> {
             ),
         ),
         c(
+            "busy poll over a second",
+            "busy_poll = \"1.5s\"\n",
+            At(1, 13, Some("busy_poll"), "longer than the limit of 1s"),
+        ),
+        c(
+            "busy poll in an unknown unit",
+            "busy_poll = \"50ns\"\n",
+            At(1, 13, Some("busy_poll"), "unknown unit \"ns\""),
+        ),
+        c(
             "duration over a year",
             "idle_timeout = \"8761h\"\n",
             At(1, 16, Some("idle_timeout"), "longer than the limit"),

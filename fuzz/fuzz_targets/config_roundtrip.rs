@@ -33,10 +33,11 @@ fn addr(u: &mut Unstructured) -> Result<SocketAddr> {
 }
 
 fn duration(u: &mut Unstructured) -> Result<Duration> {
-    Ok(match u.int_in_range(0..=3)? {
+    Ok(match u.int_in_range(0..=4)? {
         0 => Duration::from_secs(u.int_in_range(0..=MAX_DURATION_SECS)?),
         1 => Duration::from_millis(u.int_in_range(0..=100_000)?),
         2 => Duration::from_nanos(u.int_in_range(0..=10_000_000_000)?),
+        3 => Duration::from_micros(u.int_in_range(0..=100_000_000)?),
         _ => Duration::from_nanos(u.int_in_range(0..=MAX_DURATION_SECS * 1_000_000_000)?),
     })
 }
@@ -73,6 +74,12 @@ fn config(u: &mut Unstructured) -> Result<Config> {
         mode: *u.choose(&[Mode::Prefork, Mode::Fork])?,
         workers: u.int_in_range(1..=512)?,
         io: *u.choose(&[IoBackend::Epoll, IoBackend::IoUring])?,
+        // 0 to 1 s, in microseconds or nanoseconds.
+        busy_poll: if u.arbitrary()? {
+            Duration::from_micros(u.int_in_range(0..=1_000_000)?)
+        } else {
+            Duration::from_nanos(u.int_in_range(0..=1_000_000_000)?)
+        },
         max_connections: u.int_in_range(1..=1_000_000)?,
         max_connections_per_ip: u.int_in_range(0..=1_000_000)?,
         overload: *u.choose(&[Overload::Wait, Overload::Reject])?,
