@@ -5,7 +5,8 @@
 #
 # Starts, per round: echod in prefork mode (workers = nproc), echod in fork
 # mode (for the connection-rate load only), echod with the io_uring worker
-# (after the other two, every round) and examples/tokio_echo.rs, each on
+# (after the other two, every round), echod with busy_poll = "50us" (for
+# two ping-pong loads only) and examples/tokio_echo.rs, each on
 # 127.0.0.1:0 (the port is read from its log). Then, side by side, the
 # CPU loads run against echod and the reference at the same moment (two
 # echod-bench processes started together), so that both servers see the same
@@ -165,12 +166,13 @@ start_server() {
     done
 }
 
-echod_config() { # MODE [IO] -> path of a config file
-    local file=$tmp/echod-$1-${2:-epoll}.toml
+echod_config() { # MODE [IO] [BUSY_POLL] -> path of a config file
+    local file=$tmp/echod-$1-${2:-epoll}-${3:-0s}.toml
     cat >"$file" <<EOF
 listen = ["127.0.0.1:0"]
 mode = "$1"
 io = "${2:-epoll}"
+busy_poll = "${3:-0s}"
 workers = $(nproc)
 # The hold load keeps $HOLD connections open at once.
 max_connections = $((HOLD + 1000))
@@ -280,7 +282,7 @@ echo "bench: $ROUNDS rounds, ${DURATION} s per load after ${WARMUP} s warm-up, $
 
 for ((round = 1; round <= ROUNDS; round++)); do
     echo "bench: round $round of $ROUNDS" >&2
-    pre_port='' ref_port='' fork_port='' uring_port=''
+    pre_port='' ref_port='' fork_port='' uring_port='' busy_port=''
     if start_server echod-prefork "$echod" --config "$(echod_config prefork)"; then
         pre_pid=$server_pid pre_port=$server_port
     else
@@ -302,6 +304,13 @@ for ((round = 1; round <= ROUNDS; round++)); do
     else
         failures=$((failures + 1))
     fi
+    # Busy polling, measured where it is meant to help (one connection) and
+    # where it costs (many connections on CPUs shared with the client).
+    if start_server echod-busy "$echod" --config "$(echod_config prefork epoll 50us)"; then
+        busy_pid=$server_pid busy_port=$server_port
+    else
+        failures=$((failures + 1))
+    fi
 
     # Alternate which server goes first, so neither always runs on a machine
     # warmed (or tired) by the other.
@@ -315,9 +324,14 @@ for ((round = 1; round <= ROUNDS; round++)); do
             measure hold tokio "$ref_port" "$ref_pid" hold -n "$HOLD" -d "$HOLD_IDLE" -t "$THREADS"
         fi
     done
-    for s in "${order[@]}" uring; do
+    for s in "${order[@]}" uring busy; do
         if [ "$s" = uring ]; then
             [ -z "$uring_port" ] || run_loads echod-uring "$uring_port" "$uring_pid"
+        elif [ "$s" = busy ]; then
+            [ -z "$busy_port" ] || {
+                measure pingpong1 echod-busy "$busy_port" "$busy_pid" pingpong -c 1 -l 64 "${timed[@]}"
+                measure pingpong50 echod-busy "$busy_port" "$busy_pid" pingpong -c 50 -l 64 "${timed[@]}"
+            }
         elif [ "$s" = echod ] && [ -n "$pre_port" ]; then
             run_loads echod "$pre_port" "$pre_pid"
         elif [ "$s" = tokio ] && [ -n "$ref_port" ]; then
@@ -341,6 +355,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     [ -z "$pre_port" ] || stop_server "$pre_pid" INT
     [ -z "$fork_port" ] || stop_server "$fork_pid" INT
     [ -z "$uring_port" ] || stop_server "$uring_pid" INT
+    [ -z "$busy_port" ] || stop_server "$busy_pid" INT
     [ -z "$ref_port" ] || stop_server "$ref_pid" TERM
 done
 
@@ -444,6 +459,7 @@ table=$out/table.md
     row "pingpong 64 B x 500 conns" "server CPU us/msg" lower pingpong500 server_cpu_us_per_msg 2
     row "pingpong 64 B x 1 conn" "p50 us" lower pingpong1 rtt_p50_us 1
     row "pingpong 64 B x 1 conn" "p99 us" lower pingpong1 rtt_p99_us 1
+    row "pingpong 64 B x 1 conn" "server CPU us/msg" lower pingpong1 server_cpu_us_per_msg 2
     row "stream 4 conns x 64 KiB" "MB/s" higher stream mb_per_s 0
     row "stream 4 conns x 64 KiB" "server CPU s/GB" lower stream server_cpu_s_per_gb 3
     row "connrate 8 workers (prefork)" "conn/s" higher connrate conns_per_s 0
@@ -456,6 +472,10 @@ table=$out/table.md
     row "stream 4 conns x 64 KiB (io_uring)" "MB/s" higher stream mb_per_s 0 echod-uring
     row "stream 4 conns x 64 KiB (io_uring)" "server CPU s/GB" lower stream server_cpu_s_per_gb 3 echod-uring
     row "connrate 8 workers (io_uring)" "conn/s" higher connrate conns_per_s 0 echod-uring
+    row "pingpong 64 B x 1 conn (busy_poll 50us)" "p50 us" lower pingpong1 rtt_p50_us 1 echod-busy
+    row "pingpong 64 B x 1 conn (busy_poll 50us)" "p99 us" lower pingpong1 rtt_p99_us 1 echod-busy
+    row "pingpong 64 B x 1 conn (busy_poll 50us)" "server CPU us/msg" lower pingpong1 server_cpu_us_per_msg 2 echod-busy
+    row "pingpong 64 B x 50 conns (busy_poll 50us)" "server CPU us/msg" lower pingpong50 server_cpu_us_per_msg 2 echod-busy
     row "hold $HOLD idle conns" "server RSS KiB/conn" lower hold rss_kib_per_conn 2
     row "hold $HOLD idle conns" "server PSS KiB/conn" lower hold pss_kib_per_conn 2
     echo
