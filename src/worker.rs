@@ -686,3 +686,41 @@ fn peer_of(stream: &TcpStream) -> String {
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "a client".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn busy(window: Duration) -> BusyPoll {
+        BusyPoll::new(&Config {
+            busy_poll: window,
+            ..Config::default()
+        })
+    }
+
+    #[test]
+    fn without_a_window_a_worker_never_polls() {
+        let mut b = busy(Duration::ZERO);
+        b.after_wait(10);
+        assert!(!b.polling());
+    }
+
+    #[test]
+    fn events_open_the_window_and_quiet_closes_it() {
+        // A window far longer than any pause of this test's thread.
+        let mut b = busy(Duration::from_secs(60));
+        assert!(!b.polling(), "no event yet");
+        b.after_wait(0);
+        assert!(!b.polling(), "a timeout is not an event");
+        b.after_wait(1);
+        assert!(b.polling());
+        assert!(b.polling(), "still within the window");
+        // And a short one, waited out.
+        let mut b = busy(Duration::from_millis(20));
+        b.after_wait(1);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!b.polling(), "the window passed without an event");
+        b.after_wait(3);
+        assert!(b.until.is_some(), "a new event opens it again");
+    }
+}
