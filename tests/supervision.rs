@@ -91,8 +91,10 @@ fn echod_alive(pid: i32) -> bool {
 
 /// `prefork_pool_is_exactly_workers_and_a_killed_worker_is_replaced`: the
 /// master has exactly `workers` children, all `echod-worker`; a worker
-/// killed with SIGKILL is replaced within a second (a new pid, the count
-/// back to `workers`); its own connections are closed; the connections held
+/// killed with SIGKILL is replaced within 3 s (a new pid, the count back
+/// to `workers`; the master respawns it 100 ms after the death, its
+/// crash-loop delay for a worker that died young, and the bound leaves room
+/// for a busy CI machine); its own connections are closed; the connections held
 /// by the surviving workers keep echoing; new connections are served.
 #[test]
 fn prefork_pool_is_exactly_workers_and_a_killed_worker_is_replaced() {
@@ -149,7 +151,7 @@ fn prefork_pool_is_exactly_workers_and_a_killed_worker_is_replaced() {
     unsafe {
         libc::kill(victim, libc::SIGKILL);
     }
-    let replaced = wait_until(Duration::from_secs(1), || {
+    let replaced = wait_until(Duration::from_secs(3), || {
         let w = e.workers();
         !echod_alive(victim)
             && w.len() == WORKERS
@@ -159,7 +161,7 @@ fn prefork_pool_is_exactly_workers_and_a_killed_worker_is_replaced() {
     let took = t0.elapsed();
     assert!(
         replaced,
-        "no replacement within 1 s: workers {:?} (before {before:?}, killed {victim})\n{}",
+        "no replacement within 3 s: workers {:?} (before {before:?}, killed {victim})\n{}",
         e.workers(),
         e.log()
     );
