@@ -455,11 +455,13 @@ table=$out/table.md
     echo "| --- | --- | ---: | ---: | ---: | --- |"
     row "pingpong 64 B x 50 conns" "msgs/s" higher pingpong50 msgs_per_s 0
     row "pingpong 64 B x 50 conns" "server CPU us/msg" lower pingpong50 server_cpu_us_per_msg 2
+    row "pingpong 64 B x 50 conns" "server context switches/msg" lower pingpong50 server_switches_per_msg 3
     row "pingpong 64 B x 500 conns" "msgs/s" higher pingpong500 msgs_per_s 0
     row "pingpong 64 B x 500 conns" "server CPU us/msg" lower pingpong500 server_cpu_us_per_msg 2
     row "pingpong 64 B x 1 conn" "p50 us" lower pingpong1 rtt_p50_us 1
     row "pingpong 64 B x 1 conn" "p99 us" lower pingpong1 rtt_p99_us 1
     row "pingpong 64 B x 1 conn" "server CPU us/msg" lower pingpong1 server_cpu_us_per_msg 2
+    row "pingpong 64 B x 1 conn" "server context switches/msg" lower pingpong1 server_switches_per_msg 3
     row "stream 4 conns x 64 KiB" "MB/s" higher stream mb_per_s 0
     row "stream 4 conns x 64 KiB" "server CPU s/GB" lower stream server_cpu_s_per_gb 3
     row "connrate 8 workers (prefork)" "conn/s" higher connrate conns_per_s 0
@@ -475,6 +477,7 @@ table=$out/table.md
     row "pingpong 64 B x 1 conn (busy_poll 50us)" "p50 us" lower pingpong1 rtt_p50_us 1 echod-busy
     row "pingpong 64 B x 1 conn (busy_poll 50us)" "p99 us" lower pingpong1 rtt_p99_us 1 echod-busy
     row "pingpong 64 B x 1 conn (busy_poll 50us)" "server CPU us/msg" lower pingpong1 server_cpu_us_per_msg 2 echod-busy
+    row "pingpong 64 B x 1 conn (busy_poll 50us)" "server context switches/msg" lower pingpong1 server_switches_per_msg 3 echod-busy
     row "pingpong 64 B x 50 conns (busy_poll 50us)" "server CPU us/msg" lower pingpong50 server_cpu_us_per_msg 2 echod-busy
     row "hold $HOLD idle conns" "server RSS KiB/conn" lower hold rss_kib_per_conn 2
     row "hold $HOLD idle conns" "server PSS KiB/conn" lower hold pss_kib_per_conn 2

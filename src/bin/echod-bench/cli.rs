@@ -55,8 +55,10 @@ FLAGS:
                             reaped children's) of PID and all its descendants
                             at the start and the end of the measured interval,
                             reported as server µs per message (pingpong,
-                            connrate) or s per GB (stream); in hold mode, RSS
-                            and PSS of the tree before and while holding.
+                            connrate) or s per GB (stream), and the context
+                            switches of the tree's threads (per message in
+                            pingpong and connrate); in hold mode, RSS and PSS
+                            of the tree before and while holding.
         --json              Print one JSON object on stdout instead of the
                             text report (keys always present; null when not
                             applicable).

@@ -229,15 +229,22 @@ fn meter_timed(s: &Settings, plan: &Plan, shared: &Shared, line: &mut ProgressLi
     if !wait_until(plan.measure_start, shared, s.threads, line, "warm-up") {
         return m;
     }
+    let switches = |pid: Option<i32>| procfs::tree_switches(pid?).ok();
     let (c0, s0) = (own_cpu_seconds(), sample(s.server_pid, false, &mut m));
+    let w0 = switches(s.server_pid);
     // Threads that all failed early end the interval early: sample then.
     wait_until(plan.measure_end, shared, s.threads, line, "measuring");
     let (c1, s1) = (own_cpu_seconds(), sample(s.server_pid, false, &mut m));
+    let w1 = switches(s.server_pid);
     m.client_cpu_s = c0.zip(c1).map(|(a, b)| b - a);
     let hz = procfs::clock_ticks_per_second() as f64;
     m.server = s0.zip(s1).map(|(a, b)| ServerCpu {
         processes: b.processes,
         cpu_s: b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 / hz,
+        switches: w0
+            .as_ref()
+            .zip(w1.as_ref())
+            .map_or(0, |(w0, w1)| w1.since(w0)),
     });
     m
 }

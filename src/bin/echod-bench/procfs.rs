@@ -19,6 +19,13 @@
 //! after their parent died) and auto-reaped ones (`SIGCHLD` ignored): their
 //! CPU time is lost, and the figure reads low. A zombie not yet reaped at
 //! the end sample still shows its times, so it is counted.
+//!
+//! Context switches are the voluntary and involuntary switches of every
+//! thread of every process in the tree (`/proc/<pid>/task/<tid>/status`):
+//! a switch is the sleep and wake-up that dominate a server's CPU per
+//! message at low load. Unlike CPU time, /proc keeps no count for reaped
+//! children, so a thread or process that exits during the interval takes
+//! its count with it (fork mode's per-connection children are not counted).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -83,6 +90,22 @@ pub fn parse_stat(text: &str) -> Result<Stat, &'static str> {
         cutime: field(16)?.parse::<i64>().map_err(|_| "bad cutime")?.max(0) as u64,
         cstime: field(17)?.parse::<i64>().map_err(|_| "bad cstime")?.max(0) as u64,
     })
+}
+
+/// Context switches of each live thread of a tree, by thread id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Switches(HashMap<i32, u64>);
+
+impl Switches {
+    /// Switches made between `earlier` and this sample: each thread's
+    /// growth, all of a thread born in between; a thread gone by now
+    /// counts nothing (see the module notes).
+    pub fn since(&self, earlier: &Switches) -> u64 {
+        self.0
+            .iter()
+            .map(|(tid, &n)| n.saturating_sub(earlier.0.get(tid).copied().unwrap_or(0)))
+            .sum()
+    }
 }
 
 /// `root` and every descendant of it, given `(pid, ppid)` pairs; `root`
@@ -166,23 +189,51 @@ fn all_stats() -> Result<Vec<Stat>, ProcError> {
     Ok(stats)
 }
 
-/// Samples the tree under `root`: its CPU time and, with `memory`, its
-/// RSS and PSS. Fails when `root` itself is gone.
-pub fn sample_tree(root: i32, memory: bool) -> Result<TreeSample, ProcError> {
+/// The stat of `root` and of each of its descendants that could be read.
+/// Fails when `root` itself is gone.
+fn tree_stats(root: i32) -> Result<Vec<Stat>, ProcError> {
     read_stat(root)?;
     let stats = all_stats()?;
     let links: Vec<(i32, i32)> = stats.iter().map(|s| (s.pid, s.ppid)).collect();
     let by_pid: HashMap<i32, &Stat> = stats.iter().map(|s| (s.pid, s)).collect();
-    let tree = descendants(root, &links);
+    Ok(descendants(root, &links)
+        .into_iter()
+        .filter_map(|pid| by_pid.get(&pid).map(|s| **s))
+        .collect())
+}
+
+/// The context switches of every thread of the tree under `root`.
+pub fn tree_switches(root: i32) -> Result<Switches, ProcError> {
+    let mut all = HashMap::new();
+    for stat in tree_stats(root)? {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{}/task", stat.pid)) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            if let Some(n) = fs::read_to_string(task.path().join("status"))
+                .ok()
+                .and_then(|text| parse_switches(&text))
+            {
+                all.insert(tid, n);
+            }
+        }
+    }
+    Ok(Switches(all))
+}
+
+/// Samples the tree under `root`: its CPU time and, with `memory`, its
+/// RSS and PSS. Fails when `root` itself is gone.
+pub fn sample_tree(root: i32, memory: bool) -> Result<TreeSample, ProcError> {
     let mut sample = TreeSample {
         processes: 0,
         pss_kib: memory.then_some(0),
         ..TreeSample::default()
     };
-    for pid in tree {
-        let Some(stat) = by_pid.get(&pid) else {
-            continue;
-        };
+    for stat in tree_stats(root)? {
+        let pid = stat.pid;
         sample.processes += 1;
         sample.cpu_ticks += stat.cpu_ticks();
         if memory {
@@ -200,6 +251,22 @@ pub fn sample_tree(root: i32, memory: bool) -> Result<TreeSample, ProcError> {
         }
     }
     Ok(sample)
+}
+
+/// Voluntary plus involuntary context switches in one `status` file;
+/// `None` without either line.
+pub fn parse_switches(text: &str) -> Option<u64> {
+    let mut sum = None;
+    for line in text.lines() {
+        let Some(value) = line
+            .strip_prefix("voluntary_ctxt_switches:")
+            .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+        else {
+            continue;
+        };
+        sum = Some(sum.unwrap_or(0) + value.trim().parse::<u64>().ok()?);
+    }
+    sum
 }
 
 /// Clock ticks per second, the unit of the CPU fields of stat.
@@ -271,11 +338,34 @@ mod tests {
     }
 
     #[test]
+    fn switches_since_count_each_threads_growth() {
+        let before = Switches(HashMap::from([(1, 10), (2, 5), (3, 7)]));
+        // 1 grew by 4, 2 is gone, 3 is a new thread with a reused id
+        // (counts nothing rather than going negative), 4 was born.
+        let after = Switches(HashMap::from([(1, 14), (3, 2), (4, 6)]));
+        assert_eq!(after.since(&before), 4 + 6);
+        assert_eq!(before.since(&before), 0);
+    }
+
+    #[test]
+    fn status_gives_both_kinds_of_switches() {
+        let text = "Name:\techod\nState:\tS (sleeping)\n\
+            voluntary_ctxt_switches:\t1200\nnonvoluntary_ctxt_switches:\t34\n";
+        assert_eq!(parse_switches(text), Some(1234));
+        assert_eq!(parse_switches("Name:\tx\n"), None);
+        assert_eq!(parse_switches("voluntary_ctxt_switches:\tmany\n"), None);
+    }
+
+    #[test]
     fn this_process_can_be_sampled() {
         let me = std::process::id() as i32;
         let s = sample_tree(me, true).unwrap();
         assert!(s.processes >= 1);
         assert!(s.rss_kib > 0);
+        let before = tree_switches(me).unwrap();
+        // This thread sleeps, so it switches at least once.
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        assert!(tree_switches(me).unwrap().since(&before) > 0);
         assert!(clock_ticks_per_second() > 0);
     }
 }

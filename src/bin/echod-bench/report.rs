@@ -21,6 +21,8 @@ pub struct ServerCpu {
     /// Processes in the tree at the end sample.
     pub processes: usize,
     pub cpu_s: f64,
+    /// Context switches of the tree's threads over the interval.
+    pub switches: u64,
 }
 
 /// The hold sequence's figures.
@@ -107,6 +109,14 @@ impl Report {
         ratio(cpu_s? * 1e6, self.tally.messages)
     }
 
+    /// Context switches per message (pingpong, connrate).
+    fn switches_per_msg(&self) -> Option<f64> {
+        if !matches!(self.mode, Mode::PingPong | Mode::ConnRate) {
+            return None;
+        }
+        ratio(self.server?.switches as f64, self.tally.messages)
+    }
+
     /// CPU seconds per GB (10^9 echoed bytes) in stream mode: also ms/MB.
     fn s_per_gb(&self, cpu_s: Option<f64>) -> Option<f64> {
         if self.mode != Mode::Stream || self.tally.bytes == 0 {
@@ -169,6 +179,8 @@ impl Report {
         j.num("server_cpu_s", server_cpu);
         j.num("server_cpu_us_per_msg", self.us_per_msg(server_cpu));
         j.num("server_cpu_s_per_gb", self.s_per_gb(server_cpu));
+        j.uint("server_switches", self.server.map(|s| s.switches));
+        j.num("server_switches_per_msg", self.switches_per_msg());
         j.uint("hold_requested", held.then_some(hold.requested));
         j.uint("hold_proven", held.then_some(hold.proven));
         j.uint("held", held.then_some(hold.held));
@@ -281,7 +293,12 @@ impl Report {
         if let Some(s) = &self.server {
             let per = match self.mode {
                 Mode::Stream => format!("{} s/GB", fmt_opt(self.s_per_gb(Some(s.cpu_s)), 3)),
-                _ => format!("{} us/msg", fmt_opt(self.us_per_msg(Some(s.cpu_s)), 2)),
+                _ => format!(
+                    "{} us/msg; {} context switches = {}/msg",
+                    fmt_opt(self.us_per_msg(Some(s.cpu_s)), 2),
+                    s.switches,
+                    fmt_opt(self.switches_per_msg(), 3)
+                ),
             };
             let _ = writeln!(
                 o,
@@ -462,6 +479,7 @@ mod tests {
             server: Some(ServerCpu {
                 processes: 3,
                 cpu_s: 0.006,
+                switches: 250,
             }),
             hold: None,
             first_error: None,
@@ -479,12 +497,15 @@ mod tests {
         assert!(j.contains(r#""msgs_per_s":500.000"#), "{j}");
         assert!(j.contains(r#""server_cpu_us_per_msg":6.000"#), "{j}");
         assert!(j.contains(r#""server_cpu_s_per_gb":null"#), "{j}");
+        assert!(j.contains(r#""server_switches":250"#), "{j}");
+        assert!(j.contains(r#""server_switches_per_msg":0.250"#), "{j}");
         assert!(j.contains(r#""held":null"#), "{j}");
         let s = report(Mode::Stream);
         let j = s.json();
         // 0.006 s over 64 000 bytes = 93.75 s per 10^9 bytes.
         assert!(j.contains(r#""server_cpu_s_per_gb":93.750"#), "{j}");
         assert!(j.contains(r#""msgs_per_s":null"#), "{j}");
+        assert!(j.contains(r#""server_switches_per_msg":null"#), "{j}");
     }
 
     #[test]
