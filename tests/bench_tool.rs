@@ -1,6 +1,7 @@
 //! Runs the real `echod-bench` binary, briefly in every mode, against a tiny
-//! echo server inside the test process (std threads on 127.0.0.1:0), and
-//! against servers that corrupt, refuse or close.
+//! echo server inside the test process (std threads on 127.0.0.1:0),
+//! against servers that corrupt, refuse or close, and against the real
+//! echod (both worker backends, and fork mode).
 //!
 //! Every child is bounded: it is killed by PID when it outlives its limit.
 //! The in-process servers serve each connection with a thread whose reads
@@ -11,6 +12,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+mod common;
 
 /// What the test server does to the bytes it echoes.
 #[derive(Clone, Copy)]
@@ -169,6 +172,96 @@ fn pingpong_verifies_and_meters_the_server() {
     assert!(num(&json, "server_processes") >= 1.0, "{json}");
     // Present even if the clock ticks (10 ms) saw no CPU time.
     assert!(num(&json, "server_cpu_us_per_msg") >= 0.0, "{json}");
+    // Present; the count itself is checked against echod below (this
+    // server's threads end with their connections, and take their counts
+    // with them).
+    assert!(num(&json, "server_switches") >= 0.0, "{json}");
+}
+
+/// Every load of `echod-bench` against echod started with `extra` config
+/// (two prefork workers, or fork mode): all verified with no mismatch or
+/// error, the server metered.
+fn every_load_against_echod(extra: &str, prefork: bool) {
+    let processes = if prefork { 3.0 } else { 1.0 };
+    let e = common::Echod::start(&common::config(extra));
+    let addr = e.addr().to_string();
+    let pid = e.pid.to_string();
+    let timed = |mode: &str, c: &str, l: &str| {
+        run_ok(&[
+            mode,
+            "-a",
+            &addr,
+            "-c",
+            c,
+            "-l",
+            l,
+            "-t",
+            "2",
+            "-d",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--server-pid",
+            &pid,
+            "--json",
+        ])
+    };
+    for (mode, c, l) in [
+        ("pingpong", "20", "64"),
+        ("pingpong", "1", "1000"),
+        ("stream", "3", "65536"),
+        ("connrate", "4", "100"),
+    ] {
+        let json = timed(mode, c, l);
+        assert!(num(&json, "messages") + num(&json, "bytes") > 0.0, "{json}");
+        assert!(num(&json, "server_cpu_s") >= 0.0, "{json}");
+        // Master and workers (fork mode: the master, and whatever
+        // connection children were alive at the end sample).
+        assert!(num(&json, "server_processes") >= processes, "{json}");
+        if prefork && mode == "pingpong" && c == "1" {
+            // One connection: the worker serving it sleeps until the
+            // client's next message, which cannot come before the echo.
+            // (Not in fork mode: a connection child's count leaves with
+            // it when it exits.)
+            assert!(num(&json, "server_switches_per_msg") > 0.5, "{json}");
+        }
+    }
+    let json = run_ok(&[
+        "hold",
+        "-a",
+        &addr,
+        "-n",
+        "200",
+        "-d",
+        "0.3",
+        "--server-pid",
+        &pid,
+        "--json",
+    ]);
+    assert_eq!(num(&json, "held"), 200.0, "{json}");
+    assert!(e.error_lines().is_empty(), "{}", e.log());
+}
+
+/// `echod_prefork_passes_every_load`: echod-bench against echod's epoll
+/// workers: ping-pong (20 and 1 connections), stream, connection rate and
+/// hold, every byte verified; one connection costs its worker a context
+/// switch per message.
+#[test]
+fn echod_prefork_passes_every_load() {
+    every_load_against_echod("workers = 2", true);
+}
+
+/// `echod_io_uring_passes_every_load`: the same with the io_uring workers.
+#[test]
+fn echod_io_uring_passes_every_load() {
+    every_load_against_echod("workers = 2\nio = \"io_uring\"", true);
+}
+
+/// `echod_fork_mode_passes_every_load`: the same in fork mode, a child per
+/// connection.
+#[test]
+fn echod_fork_mode_passes_every_load() {
+    every_load_against_echod("mode = \"fork\"\nmax_connections = 1024", false);
 }
 
 /// stream echoes verified bytes in both directions at once.
