@@ -56,7 +56,7 @@ use crate::listener::Listener;
 use crate::process::exit_code;
 use crate::scoreboard::{now_ms, IpKey};
 use crate::signals::SignalPipe;
-use crate::worker::{on_signal, tick_ms, Accepting, BusyPoll, Gate, Seat, Signaled, TICK_MS};
+use crate::worker::{on_signal, tick_ms, Accepting, BusyPoll, Gate, Seat, Signaled};
 
 /// Whether listeners get a multishot accept (one request for every
 /// connection) or a one-shot accept armed again after each connection.
@@ -358,11 +358,7 @@ impl Worker<'_> {
         loop {
             self.gate.cell().beat(self.now, self.open);
             self.bufs.publish();
-            let mut until = next_scan;
-            if let Accepting::Starved(t) = self.accepting {
-                until = until.min(t);
-            }
-            match self.enter(until.saturating_sub(self.now).min(TICK_MS)) {
+            match self.enter(self.accepting.wait_ms(self.now, next_scan)) {
                 Ok(_) => {}
                 Err(e)
                     if matches!(

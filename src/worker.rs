@@ -73,7 +73,7 @@ const TOKEN_CONN: u64 = 1 << 32;
 const ACCEPT_PAUSE_MS: u64 = 100;
 /// Longest sleep in `epoll_wait`: the heartbeat and idle-scan period
 /// (shorter when `worker_timeout` is short: see [`Worker::tick_ms`]).
-pub(crate) const TICK_MS: u64 = 1000;
+const TICK_MS: u64 = 1000;
 
 /// One client connection.
 ///
@@ -302,6 +302,19 @@ pub(crate) enum Accepting {
     Closed,
 }
 
+impl Accepting {
+    /// Milliseconds from `now` until a worker loop's next timer (both
+    /// loops): the idle scan / heartbeat tick at `next_scan`, or the end of
+    /// an accept pause; at most [`TICK_MS`].
+    pub(crate) fn wait_ms(self, now: u64, next_scan: u64) -> u64 {
+        let mut until = next_scan;
+        if let Accepting::Starved(t) = self {
+            until = until.min(t);
+        }
+        until.saturating_sub(now).min(TICK_MS)
+    }
+}
+
 /// The `busy_poll` window of a worker loop (both loops): after a wait that
 /// returned events, the waits do not sleep until the window has passed
 /// without any.
@@ -423,7 +436,7 @@ impl<'a> Worker<'a> {
             let timeout = if self.busy.polling() {
                 0
             } else {
-                self.wait_ms(next_scan)
+                self.accepting.wait_ms(self.now, next_scan) as u16
             };
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
@@ -464,16 +477,6 @@ impl<'a> Worker<'a> {
                 return exit_code::OK;
             }
         }
-    }
-
-    /// Milliseconds until the next timer: the idle scan / heartbeat tick or
-    /// the end of an accept pause.
-    fn wait_ms(&self, next_scan: u64) -> u16 {
-        let mut until = next_scan;
-        if let Accepting::Starved(t) = self.accepting {
-            until = until.min(t);
-        }
-        until.saturating_sub(self.now).min(TICK_MS) as u16
     }
 
     /// Accepts from listener `i` until `EAGAIN`, the connection cap, or a
