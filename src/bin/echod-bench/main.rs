@@ -33,7 +33,6 @@ use nix::sys::resource::{getrlimit, getrusage, setrlimit, Resource, UsageWho};
 
 use cli::{Command, Mode, Settings};
 use client::{Outcome, Plan, Shared, Stalls};
-use procfs::TreeSample;
 use report::{HoldFigures, Report, ServerCpu};
 use stats::{Latency, Tally};
 
@@ -213,8 +212,14 @@ struct Meter {
     warning: Option<String>,
 }
 
-fn sample(pid: Option<i32>, memory: bool, meter: &mut Meter) -> Option<TreeSample> {
-    match procfs::sample_tree(pid?, memory) {
+/// One sample of the server tree by `f`; a failure is kept as the run's
+/// warning.
+fn sample<T>(
+    pid: Option<i32>,
+    meter: &mut Meter,
+    f: impl FnOnce(i32) -> Result<T, procfs::ProcError>,
+) -> Option<T> {
+    match f(pid?) {
         Ok(s) => Some(s),
         Err(e) => {
             meter.warning.get_or_insert(format!("server sample: {e}"));
@@ -223,28 +228,29 @@ fn sample(pid: Option<i32>, memory: bool, meter: &mut Meter) -> Option<TreeSampl
     }
 }
 
-/// Samples CPU time at the edges of the measured interval.
+/// Samples CPU time and context switches at the edges of the measured
+/// interval.
 fn meter_timed(s: &Settings, plan: &Plan, shared: &Shared, line: &mut ProgressLine) -> Meter {
     let mut m = Meter::default();
     if !wait_until(plan.measure_start, shared, s.threads, line, "warm-up") {
         return m;
     }
-    let switches = |pid: Option<i32>| procfs::tree_switches(pid?).ok();
-    let (c0, s0) = (own_cpu_seconds(), sample(s.server_pid, false, &mut m));
-    let w0 = switches(s.server_pid);
+    let (c0, s0) = (
+        own_cpu_seconds(),
+        sample(s.server_pid, &mut m, procfs::sample_timed),
+    );
     // Threads that all failed early end the interval early: sample then.
     wait_until(plan.measure_end, shared, s.threads, line, "measuring");
-    let (c1, s1) = (own_cpu_seconds(), sample(s.server_pid, false, &mut m));
-    let w1 = switches(s.server_pid);
+    let (c1, s1) = (
+        own_cpu_seconds(),
+        sample(s.server_pid, &mut m, procfs::sample_timed),
+    );
     m.client_cpu_s = c0.zip(c1).map(|(a, b)| b - a);
     let hz = procfs::clock_ticks_per_second() as f64;
-    m.server = s0.zip(s1).map(|(a, b)| ServerCpu {
+    m.server = s0.zip(s1).map(|((a, wa), (b, wb))| ServerCpu {
         processes: b.processes,
         cpu_s: b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 / hz,
-        switches: w0
-            .as_ref()
-            .zip(w1.as_ref())
-            .map_or(0, |(w0, w1)| w1.since(w0)),
+        switches: wb.since(&wa),
     });
     m
 }
@@ -253,7 +259,7 @@ fn meter_timed(s: &Settings, plan: &Plan, shared: &Shared, line: &mut ProgressLi
 /// opened its share, idle, memory while holding, then release the re-check.
 fn meter_hold(s: &Settings, plan: &Plan, shared: &Shared, line: &mut ProgressLine) -> Meter {
     let mut m = Meter::default();
-    let before = sample(s.server_pid, true, &mut m);
+    let before = sample(s.server_pid, &mut m, |p| procfs::sample_tree(p, true));
     let t0 = Instant::now();
     loop {
         let opened = shared.opened.load(Ordering::Acquire);
@@ -266,7 +272,7 @@ fn meter_hold(s: &Settings, plan: &Plan, shared: &Shared, line: &mut ProgressLin
     }
     let open_s = t0.elapsed().as_secs_f64();
     wait_until(Instant::now() + s.duration, shared, s.threads, line, "idle");
-    let during = sample(s.server_pid, true, &mut m);
+    let during = sample(s.server_pid, &mut m, |p| procfs::sample_tree(p, true));
     shared.recheck.store(true, Ordering::Release);
     m.hold = Some(HoldFigures {
         requested: s.count as u64,

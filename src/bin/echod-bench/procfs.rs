@@ -202,10 +202,10 @@ fn tree_stats(root: i32) -> Result<Vec<Stat>, ProcError> {
         .collect())
 }
 
-/// The context switches of every thread of the tree under `root`.
-pub fn tree_switches(root: i32) -> Result<Switches, ProcError> {
+/// The context switches of every thread of the processes `tree`.
+fn switches_of(tree: &[Stat]) -> Switches {
     let mut all = HashMap::new();
-    for stat in tree_stats(root)? {
+    for stat in tree {
         let Ok(tasks) = fs::read_dir(format!("/proc/{}/task", stat.pid)) else {
             continue;
         };
@@ -221,18 +221,30 @@ pub fn tree_switches(root: i32) -> Result<Switches, ProcError> {
             }
         }
     }
-    Ok(Switches(all))
+    Switches(all)
 }
 
 /// Samples the tree under `root`: its CPU time and, with `memory`, its
 /// RSS and PSS. Fails when `root` itself is gone.
 pub fn sample_tree(root: i32, memory: bool) -> Result<TreeSample, ProcError> {
+    Ok(sample_of(&tree_stats(root)?, memory))
+}
+
+/// Samples the tree under `root` at an edge of a timed interval: its CPU
+/// time and its threads' context switches, from one listing of /proc.
+pub fn sample_timed(root: i32) -> Result<(TreeSample, Switches), ProcError> {
+    let tree = tree_stats(root)?;
+    Ok((sample_of(&tree, false), switches_of(&tree)))
+}
+
+/// The CPU time and, with `memory`, the RSS and PSS of the processes `tree`.
+fn sample_of(tree: &[Stat], memory: bool) -> TreeSample {
     let mut sample = TreeSample {
         processes: 0,
         pss_kib: memory.then_some(0),
         ..TreeSample::default()
     };
-    for stat in tree_stats(root)? {
+    for stat in tree {
         let pid = stat.pid;
         sample.processes += 1;
         sample.cpu_ticks += stat.cpu_ticks();
@@ -250,7 +262,7 @@ pub fn sample_tree(root: i32, memory: bool) -> Result<TreeSample, ProcError> {
             };
         }
     }
-    Ok(sample)
+    sample
 }
 
 /// Voluntary plus involuntary context switches in one `status` file;
@@ -362,10 +374,10 @@ mod tests {
         let s = sample_tree(me, true).unwrap();
         assert!(s.processes >= 1);
         assert!(s.rss_kib > 0);
-        let before = tree_switches(me).unwrap();
+        let (_, before) = sample_timed(me).unwrap();
         // This thread sleeps, so it switches at least once.
         std::thread::sleep(std::time::Duration::from_millis(1));
-        assert!(tree_switches(me).unwrap().since(&before) > 0);
+        assert!(sample_timed(me).unwrap().1.since(&before) > 0);
         assert!(clock_ticks_per_second() > 0);
     }
 }

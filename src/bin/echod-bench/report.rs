@@ -101,20 +101,22 @@ impl Report {
             .then(|| per_second(self.tally.bytes, self.duration) / 1e6)
     }
 
-    /// CPU seconds per message in µs (pingpong, connrate).
-    fn us_per_msg(&self, cpu_s: Option<f64>) -> Option<f64> {
+    /// `total` per message (pingpong, connrate; `None` in the other modes).
+    fn per_msg(&self, total: Option<f64>) -> Option<f64> {
         if !matches!(self.mode, Mode::PingPong | Mode::ConnRate) {
             return None;
         }
-        ratio(cpu_s? * 1e6, self.tally.messages)
+        ratio(total?, self.tally.messages)
+    }
+
+    /// CPU seconds per message in µs (pingpong, connrate).
+    fn us_per_msg(&self, cpu_s: Option<f64>) -> Option<f64> {
+        self.per_msg(cpu_s.map(|s| s * 1e6))
     }
 
     /// Context switches per message (pingpong, connrate).
     fn switches_per_msg(&self) -> Option<f64> {
-        if !matches!(self.mode, Mode::PingPong | Mode::ConnRate) {
-            return None;
-        }
-        ratio(self.server?.switches as f64, self.tally.messages)
+        self.per_msg(self.server.map(|s| s.switches as f64))
     }
 
     /// CPU seconds per GB (10^9 echoed bytes) in stream mode: also ms/MB.
