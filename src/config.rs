@@ -1142,9 +1142,10 @@ fn busy_poll(value: &Spanned<DeValue<'_>>) -> Result<Duration, Fault> {
             value,
             "busy_poll",
             format!(
-                "\"{}\" is longer than the limit of 1s; a busy poll waits for \
+                "\"{}\" is longer than the limit of {}; a busy poll waits for \
                  the next message for microseconds, such as \"50us\"",
-                format_duration(d)
+                format_duration(d),
+                format_duration(MAX_BUSY_POLL)
             ),
         ));
     }
