@@ -195,19 +195,22 @@ impl Ring {
         if std::env::var_os("ECHOD_TEST_NO_IO_URING").is_some() {
             return Err(io::Error::from_raw_os_error(libc::ENOSYS));
         }
-        let ring = IoUring::builder()
+        let mut deferred = IoUring::builder();
+        deferred
             .setup_cqsize(SQ_ENTRIES * 4)
             .setup_single_issuer()
-            .setup_defer_taskrun()
+            .setup_defer_taskrun();
+        if !config.busy_poll.is_zero() {
             // IORING_SQ_TASKRUN tells a busy-polling `submit()` that
-            // completions wait to be run (see `Worker::enter`).
-            .setup_taskrun_flag()
-            .build(SQ_ENTRIES)
-            .or_else(|_| {
-                IoUring::builder()
-                    .setup_cqsize(SQ_ENTRIES * 4)
-                    .build(SQ_ENTRIES)
-            })?;
+            // completions wait to be run (see `Worker::enter`); without
+            // busy polling nobody reads it.
+            deferred.setup_taskrun_flag();
+        }
+        let ring = deferred.build(SQ_ENTRIES).or_else(|_| {
+            IoUring::builder()
+                .setup_cqsize(SQ_ENTRIES * 4)
+                .build(SQ_ENTRIES)
+        })?;
         if !ring.params().is_feature_ext_arg() {
             return Err(io::Error::other("the kernel lacks IORING_FEAT_EXT_ARG"));
         }
