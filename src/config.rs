@@ -139,6 +139,9 @@ pub struct Config {
     /// fork mode.
     #[serde(serialize_with = "serialize_duration")]
     pub busy_poll: Duration,
+    /// Whether a prefork worker that holds more connections than the least
+    /// loaded accepting worker leaves new ones to it. Unused in fork mode.
+    pub balance: bool,
     /// The connection cap, 1..=1_000_000: per worker in prefork mode, live
     /// children in fork mode.
     pub max_connections: usize,
@@ -386,6 +389,7 @@ impl Default for Config {
             workers: default_workers(),
             io: IoBackend::Epoll,
             busy_poll: Duration::ZERO,
+            balance: true,
             max_connections: 1024,
             max_connections_per_ip: 0,
             overload: Overload::Wait,
@@ -492,6 +496,7 @@ impl Config {
             ("workers", Some(self.workers.to_string())),
             ("io", Some(quote(self.io.as_str()))),
             ("busy_poll", Some(quote(&format_duration(self.busy_poll)))),
+            ("balance", Some(self.balance.to_string())),
             ("max_connections", Some(self.max_connections.to_string())),
             (
                 "max_connections_per_ip",
@@ -653,6 +658,7 @@ pub const TOP_KEYS: &[&str] = &[
     "workers",
     "io",
     "busy_poll",
+    "balance",
     "max_connections",
     "max_connections_per_ip",
     "overload",
@@ -723,6 +729,7 @@ fn parse_document(text: &str) -> Result<Config, Fault> {
                 )?;
             }
             "busy_poll" => config.busy_poll = busy_poll(value)?,
+            "balance" => config.balance = boolean(value, "balance")?,
             "max_connections" => {
                 config.max_connections = integer(value, "max_connections", MAX_CONNECTIONS)?;
             }
@@ -1315,6 +1322,7 @@ mod tests {
             workers: 7,
             io: IoBackend::IoUring,
             busy_poll: Duration::from_micros(50),
+            balance: false,
             max_connections: 10_000,
             max_connections_per_ip: 16,
             overload: Overload::Reject,
@@ -1352,6 +1360,8 @@ mod tests {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert_eq!(c.workers, cpus.min(512));
         assert_eq!(c.io, IoBackend::Epoll);
+        assert_eq!(c.busy_poll, Duration::ZERO);
+        assert!(c.balance);
         assert_eq!(c.max_connections, 1024);
         assert_eq!(c.max_connections_per_ip, 0);
         assert_eq!(c.overload, Overload::Wait);
@@ -1386,6 +1396,7 @@ mod tests {
             workers = 7
             io = "io_uring"
             busy_poll = "50us"
+            balance = false
             max_connections = 10_000
             max_connections_per_ip = 16
             overload = "reject"
@@ -1567,7 +1578,7 @@ mod tests {
         );
         assert_eq!(
             error("\"a b\\n\" = 1\n"),
-            "/tmp/x.toml:1:1: \"a b\\n\": unknown key; the keys at the top level are listen, backlog, mode, workers, io, busy_poll, max_connections, max_connections_per_ip, overload, buffer_size, idle_timeout, shutdown_timeout, worker_timeout, max_requests_per_worker, pid_file, user, group, daemon, log"
+            "/tmp/x.toml:1:1: \"a b\\n\": unknown key; the keys at the top level are listen, backlog, mode, workers, io, busy_poll, balance, max_connections, max_connections_per_ip, overload, buffer_size, idle_timeout, shutdown_timeout, worker_timeout, max_requests_per_worker, pid_file, user, group, daemon, log"
         );
         assert_eq!(
             error("[log.rotate]\nsize = 1\n"),
@@ -1962,6 +1973,7 @@ mod tests {
         new.mode = Mode::Fork;
         new.io = IoBackend::IoUring;
         new.busy_poll = Duration::from_micros(50);
+        new.balance = false;
         new.user = Some("echod".to_owned());
         new.idle_timeout = Duration::from_secs(30);
         new.log.level = log::LevelFilter::Debug;
@@ -1973,12 +1985,13 @@ mod tests {
                 format!("workers {} -> {}", old.workers, new.workers),
                 "io \"epoll\" -> \"io_uring\"".to_owned(),
                 "busy_poll \"0s\" -> \"50us\"".to_owned(),
+                "balance true -> false".to_owned(),
                 "idle_timeout \"5m\" -> \"30s\"".to_owned(),
                 "user (unset) -> \"echod\"".to_owned(),
                 "log.level \"info\" -> \"debug\"".to_owned(),
             ]
         );
-        assert_eq!(new.changes(&old).len(), 8);
+        assert_eq!(new.changes(&old).len(), 9);
     }
 
     #[test]
@@ -2146,6 +2159,7 @@ mod tests {
                 1..=512usize,
                 prop::sample::select(vec![IoBackend::Epoll, IoBackend::IoUring]),
                 busy_poll,
+                any::<bool>(),
                 1..=1_000_000usize,
                 0..=1_000_000usize,
                 prop::sample::select(vec![Overload::Wait, Overload::Reject]),
@@ -2172,6 +2186,7 @@ mod tests {
                         workers,
                         io,
                         busy_poll,
+                        balance,
                         max_connections,
                         max_connections_per_ip,
                         overload,
@@ -2195,6 +2210,7 @@ mod tests {
                     workers,
                     io,
                     busy_poll,
+                    balance,
                     max_connections,
                     max_connections_per_ip,
                     overload,

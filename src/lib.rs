@@ -23,7 +23,7 @@
 //! | [`pidfile`] | the locked pid file | master |
 //! | [`master`] | the supervisor loop and one handler per signal | master |
 //! | [`workers`] | the table of children, generations, phases, backoff (pure) | master |
-//! | [`scoreboard`] | `MAP_SHARED` heartbeats and counters | master, workers |
+//! | [`scoreboard`] | `MAP_SHARED` heartbeats and counters; the doorbell | master, workers |
 //! | [`worker`] | the prefork worker's epoll loop | worker |
 //! | [`uring`] | the prefork worker's loop on io_uring (`io = "io_uring"`) | worker |
 //! | [`conn`] | fork mode: serve one connection | connection child |
@@ -38,6 +38,7 @@
 //! | listening sockets | yes (the reference copies) | yes, until it drains | closed after fork |
 //! | master's signal pipe | yes | closed after fork | closed after fork |
 //! | worker's signal pipe + epoll | — | its own | — |
+//! | doorbell of accept balancing (an `eventfd`) | yes (made before the first fork) | yes, until it drains | closed after fork |
 //! | client connections | never (fork mode: closed right after fork) | its own only | its own only |
 //! | pid file (flock) | yes | closed after fork | closed after fork |
 //! | sd_notify socket, daemon readiness pipe | yes | closed after fork | closed after fork |

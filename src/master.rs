@@ -566,8 +566,9 @@ impl Master {
                 // FORK (prefork worker):
                 // - child closes: the master's signal pipe (its handlers are
                 //   unregistered too, and the worker installs its own), the
-                //   pid-file lock. It keeps the listeners: accepting on them
-                //   is its job.
+                //   pid-file lock. It keeps the listeners (accepting on them
+                //   is its job) and the doorbell of accept balancing, an
+                //   eventfd that, like the listeners, every worker shares.
                 // - parent closes: nothing; it keeps the listeners for the
                 //   next workers and generations.
                 // - copy-on-write shares: the config snapshot and the
@@ -678,7 +679,8 @@ impl Master {
                 //   that held them would keep the ports open after the
                 //   master closed them at a reload or stop, and could accept
                 //   connections it must not serve), the master's signal
-                //   pipe, the pid-file lock. It keeps only its connection.
+                //   pipe, the pid-file lock, the workers' doorbell. It keeps
+                //   only its connection.
                 // - parent closes: the connection (above).
                 // - copy-on-write shares: the config snapshot, read-only;
                 //   the master's tables, never read here.
@@ -686,6 +688,7 @@ impl Master {
                 //   signal dispositions (see conn::serve), its log role.
                 self.become_child(format!("conn gen {}", self.generation), "echod-conn");
                 self.listeners.clear();
+                self.board.close_doorbell();
                 let code = crate::conn::serve(stream, peer, &self.config);
                 std::process::exit(code);
             }

@@ -7,16 +7,24 @@
 //! Runs in: the master (maps it once, before the first fork; reads it every
 //! tick) and every prefork worker (writes its own slot only).
 //!
-//! Owns: one anonymous shared mapping. It must be `MAP_SHARED` and made
+//! Also the **doorbell** of accept balancing: one `eventfd` the master makes
+//! with the mapping, inherited by every worker. A worker that is ahead of
+//! the others in open connections stops accepting for a moment and rings it,
+//! so that the others look at the listen queues (see [`crate::worker`],
+//! "Balancing accepts").
+//!
+//! Owns: one anonymous shared mapping and the doorbell. It must be `MAP_SHARED` and made
 //! before `fork()`: a private mapping (or a `memmap2` anonymous map) would
 //! become a copy-on-write copy in each child, and the master would never see
 //! a worker's writes.
 
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
 
 /// How many workers can have a slot at once (live workers of every
@@ -39,6 +47,10 @@ pub struct Cell {
     /// The worker served `max_requests_per_worker` connections and asks to
     /// be recycled.
     wants_retire: AtomicBool,
+    /// The worker takes new connections (its listeners are armed, or it
+    /// passed for a moment because it is ahead): a candidate when another
+    /// worker asks who has the fewest connections.
+    accepting: AtomicBool,
 }
 
 /// Buckets per hash in a worker's per-address table.
@@ -80,6 +92,9 @@ pub struct Scoreboard {
     /// Keys of the address hashes, random per master (so a client cannot
     /// choose addresses that collide), copied into every worker at fork.
     seed: [u64; 2],
+    /// The doorbell (non-blocking); `None` in a connection child, which
+    /// closed it after fork.
+    doorbell: Option<EventFd>,
 }
 
 impl Scoreboard {
@@ -99,11 +114,33 @@ impl Scoreboard {
                 MapFlags::MAP_SHARED,
             )?
         };
+        let doorbell = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
         Ok(Scoreboard {
             shared: ptr.cast(),
             free: (0..SLOTS).rev().collect(),
             seed: [random_u64(), random_u64()],
+            doorbell: Some(doorbell),
         })
+    }
+
+    /// The doorbell, for a worker's epoll set (edge-triggered: every ring
+    /// is one event, and nobody needs to read the counter).
+    pub fn doorbell(&self) -> Option<BorrowedFd<'_>> {
+        self.doorbell.as_ref().map(|d| d.as_fd())
+    }
+
+    /// Rings the doorbell: every worker waiting on it wakes once.
+    pub fn ring(&self) {
+        if let Some(d) = &self.doorbell {
+            // Fails only once the counter, which nobody reads, would pass
+            // 2^64 - 2: after more rings than a worker's life holds.
+            let _ = d.write(1);
+        }
+    }
+
+    /// Closes the doorbell (a connection child has no use for it).
+    pub fn close_doorbell(&mut self) {
+        self.doorbell = None;
     }
 
     /// Takes a free slot for a new worker and resets it; `None` if all are
@@ -115,6 +152,7 @@ impl Scoreboard {
         cell.served.store(0, Ordering::Relaxed);
         cell.open.store(0, Ordering::Relaxed);
         cell.wants_retire.store(false, Ordering::Relaxed);
+        cell.accepting.store(false, Ordering::Relaxed);
         for row in &self.shared().ips[slot].rows {
             for bucket in row {
                 bucket.store(0, Ordering::Relaxed);
@@ -206,6 +244,31 @@ impl Scoreboard {
     pub fn open(&self, slot: usize) -> u32 {
         self.cell(slot).open.load(Ordering::Relaxed)
     }
+
+    /// The fewest open connections among the other workers that take new
+    /// connections and beat at or after `fresh_since` (a stopped or hung
+    /// worker does not count); `None` if there is no such worker.
+    pub fn fewest_open_elsewhere(&self, slot: usize, fresh_since: u64) -> Option<u32> {
+        let shared = self.shared();
+        let mut fewest = None;
+        for (word_index, word) in shared.live.iter().enumerate() {
+            let mut bits = word.load(Ordering::Acquire);
+            while bits != 0 {
+                let other = word_index * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let cell = &shared.cells[other];
+                if other == slot
+                    || !cell.accepting.load(Ordering::Relaxed)
+                    || cell.heartbeat_ms.load(Ordering::Relaxed) < fresh_since.max(1)
+                {
+                    continue;
+                }
+                let open = cell.open.load(Ordering::Relaxed);
+                fewest = Some(fewest.map_or(open, |f: u32| f.min(open)));
+            }
+        }
+        fewest
+    }
 }
 
 impl Cell {
@@ -213,6 +276,18 @@ impl Cell {
     pub fn beat(&self, now_ms: u64, open: usize) {
         self.heartbeat_ms.store(now_ms.max(1), Ordering::Relaxed);
         self.open.store(open as u32, Ordering::Relaxed);
+    }
+
+    /// Publishes the open count at once (an accept or a close), so that a
+    /// worker balancing a burst of connections sees it before this worker's
+    /// next beat.
+    pub fn set_open(&self, open: usize) {
+        self.open.store(open as u32, Ordering::Relaxed);
+    }
+
+    /// Says whether the worker takes new connections.
+    pub fn set_accepting(&self, accepting: bool) {
+        self.accepting.store(accepting, Ordering::Relaxed);
     }
 
     /// Counts one accepted connection; returns the new total.
@@ -315,6 +390,34 @@ mod tests {
                 assert!(a.0[0] != c.0[0] || a.0[1] != c.0[1], "{a:?} {c:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_ring_is_one_edge_for_every_worker_waiting_on_the_doorbell() {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+        let mut b = Scoreboard::new().unwrap();
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+        let workers: Vec<Epoll> = (0..2)
+            .map(|i| {
+                let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+                ep.add(b.doorbell().unwrap(), EpollEvent::new(flags, i))
+                    .unwrap();
+                ep
+            })
+            .collect();
+        let mut events = [EpollEvent::empty(); 4];
+        let mut heard = |ep: &Epoll| ep.wait(&mut events, 0u16).unwrap();
+        assert!(workers.iter().all(|ep| heard(ep) == 0), "no ring yet");
+        b.ring();
+        // Every worker hears the ring, once: an edge, never read.
+        assert!(workers.iter().all(|ep| heard(ep) == 1));
+        assert!(workers.iter().all(|ep| heard(ep) == 0));
+        b.ring();
+        assert!(workers.iter().all(|ep| heard(ep) == 1));
+        // A connection child closes it; ringing then does nothing.
+        b.close_doorbell();
+        assert!(b.doorbell().is_none());
+        b.ring();
     }
 
     #[test]

@@ -20,7 +20,13 @@
 //! - the echo is a **send** straight from that buffer (no copy); a short
 //!   send is followed by a send of the rest from the same buffer; the
 //!   buffer goes back to the ring when all of it was sent;
-//! - the signal pipe has a multishot poll.
+//! - the signal pipe and, with `balance`, the scoreboard's doorbell have a
+//!   multishot poll each (edge-triggered: one completion per ring).
+//!
+//! Accept balancing follows the epoll worker's rule (see [`crate::worker`]):
+//! after an accepted connection, a worker that is ahead cancels its accept
+//! requests instead of arming them again, and rings the doorbell; hearing
+//! it, an accepting worker takes what is queued with plain `accept4`.
 //!
 //! A ping-pong message therefore costs no syscall of its own: its receive
 //! completion and its send request ride on the loop turn's one
@@ -56,7 +62,9 @@ use crate::listener::Listener;
 use crate::process::exit_code;
 use crate::scoreboard::{now_ms, IpKey};
 use crate::signals::SignalPipe;
-use crate::worker::{on_signal, tick_ms, Accepting, BusyPoll, Gate, Seat, Signaled};
+use crate::worker::{
+    on_signal, tick_ms, Accepting, Balance, BusyPoll, Gate, Seat, Signaled, PASS_MS,
+};
 
 /// Whether listeners get a multishot accept (one request for every
 /// connection) or a one-shot accept armed again after each connection.
@@ -91,6 +99,7 @@ const KIND_SIGNAL: u64 = 1;
 const KIND_ACCEPT: u64 = 2;
 const KIND_RECV: u64 = 3;
 const KIND_SEND: u64 = 4;
+const KIND_DOORBELL: u64 = 5;
 
 fn ud(kind: u64, idx: usize) -> u64 {
     kind | (idx as u64) << 8
@@ -265,6 +274,9 @@ struct Worker<'a> {
     bufs: BufRing,
     config: &'a Config,
     gate: Gate<'a>,
+    balance: Balance<'a>,
+    /// A pass ran out: take what is queued, whoever is ahead.
+    grace: bool,
     /// The listeners; each is closed, when draining, once its accept is no
     /// longer in flight (so no queued accept request can meet a closed or
     /// reused descriptor number).
@@ -301,6 +313,8 @@ pub fn run(
         bufs: ring.bufs,
         config,
         gate: Gate::new(config, seat),
+        balance: Balance::new(config, seat),
+        grace: false,
         listeners: listeners.into_iter().map(Some).collect(),
         accept_armed: vec![false; n],
         accepting: Accepting::Full,
@@ -315,6 +329,7 @@ pub fn run(
     };
     log::debug!("io_uring worker: {} receive buffers", w.bufs.entries);
     w.arm_signals();
+    w.arm_doorbell();
     w.resume_or_log();
     w.run(signals)
 }
@@ -335,6 +350,19 @@ impl Worker<'_> {
             .multi(true)
             .build()
             .user_data(ud(KIND_SIGNAL, 0));
+        self.push(e);
+    }
+
+    /// A multishot poll on the doorbell: edge-triggered (the io_uring
+    /// default for multishot polls), one completion per ring.
+    fn arm_doorbell(&mut self) {
+        let Some(doorbell) = self.balance.doorbell() else {
+            return;
+        };
+        let e = opcode::PollAdd::new(types::Fd(doorbell.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(ud(KIND_DOORBELL, 0));
         self.push(e);
     }
 
@@ -403,6 +431,15 @@ impl Worker<'_> {
                     }
                     KIND_RECV => self.on_recv(idx, res, flags),
                     KIND_SEND => self.on_send(idx, res),
+                    KIND_DOORBELL => {
+                        if self.accepting == Accepting::Closed {
+                            continue;
+                        }
+                        if !cqueue::more(flags) {
+                            self.arm_doorbell();
+                        }
+                        self.on_doorbell();
+                    }
                     _ => {}
                 }
             }
@@ -411,10 +448,17 @@ impl Worker<'_> {
                     self.rearm(idx);
                 }
             }
-            if let Accepting::Starved(until) = self.accepting {
-                if self.now >= until {
+            match self.accepting {
+                Accepting::Starved(until) if self.now >= until => self.resume_or_log(),
+                Accepting::Passing(until) if self.now >= until => {
+                    // Nobody took the queue over: take what is queued,
+                    // whoever is ahead (as the epoll worker does).
                     self.resume_or_log();
+                    self.grace = true;
+                    self.rescue_accepts();
+                    self.grace = false;
                 }
+                _ => {}
             }
             if self.now >= next_scan {
                 self.rescue_accepts();
@@ -470,9 +514,10 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Once a tick, takes with plain `accept4` what waits in the listen
-    /// queues. An accept request in io_uring is an exclusive waiter on the
-    /// shared listening socket: a worker that is stopped (`SIGSTOP`) or
+    /// Once a tick (and when the doorbell rings, or a pass ends), takes
+    /// with plain `accept4` what waits in the listen queues. An accept
+    /// request in io_uring is an exclusive waiter on the shared listening
+    /// socket: a worker that is stopped (`SIGSTOP`) or
     /// being torn down can take the wake-up for a connection and never
     /// accept it, and the connection then waits for the next wake-up
     /// (measured: the supervision test that kills a stopped worker saw its
@@ -490,10 +535,7 @@ impl Worker<'_> {
                     break;
                 };
                 match l.accept() {
-                    Ok((stream, _)) => {
-                        log::debug!("accepted a connection whose wake-up was lost");
-                        self.accepted(stream);
-                    }
+                    Ok((stream, _)) => self.accepted(stream),
                     Err(_) => break,
                 }
             }
@@ -527,12 +569,27 @@ impl Worker<'_> {
             return;
         }
         if self.open + self.parked.len() >= self.config.max_connections {
-            self.accepting = Accepting::Full;
+            self.pause_accepting(Accepting::Full);
             return;
         }
         self.accepting = Accepting::On;
+        self.gate.cell().set_accepting(true);
         for i in 0..self.listeners.len() {
             self.arm_accept(i);
+        }
+    }
+
+    /// The doorbell rang: another worker passed on connections, or one
+    /// that was ahead is no longer (see the epoll worker's twin).
+    fn on_doorbell(&mut self) {
+        match self.accepting {
+            Accepting::Passing(_) if !self.balance.ahead(self.open, self.now) => {
+                self.resume_or_log();
+            }
+            // The queue may hold connections whose wake-up went to the
+            // worker that passed, not to this worker's armed accept.
+            Accepting::On => self.rescue_accepts(),
+            _ => {}
         }
     }
 
@@ -548,6 +605,8 @@ impl Worker<'_> {
             }
         }
         self.accepting = why;
+        let candidate = matches!(why, Accepting::Passing(_));
+        self.gate.cell().set_accepting(candidate);
     }
 
     fn start_draining(&mut self) {
@@ -566,6 +625,13 @@ impl Worker<'_> {
         }
         let was = self.accepting;
         self.accepting = Accepting::Closed;
+        self.gate.cell().set_accepting(false);
+        if self.balance.doorbell().is_some() {
+            let e = opcode::AsyncCancel::new(ud(KIND_DOORBELL, 0))
+                .build()
+                .user_data(ud(KIND_IGNORE, 0));
+            self.push(e);
+        }
         for i in 0..self.listeners.len() {
             if !self.accept_armed[i] {
                 self.listeners[i] = None;
@@ -600,6 +666,16 @@ impl Worker<'_> {
     fn accepted(&mut self, stream: TcpStream) {
         if self.open < self.config.max_connections {
             self.admit(stream);
+            if !self.grace
+                && self.accepting == Accepting::On
+                && self.balance.ahead(self.open, self.now)
+            {
+                // Leave the next ones to the others (see the epoll
+                // worker's accept_from).
+                self.pause_accepting(Accepting::Passing(self.now + PASS_MS));
+                self.balance.ring();
+                return;
+            }
         } else if self.config.overload == Overload::Reject {
             self.gate.refuse_overload(stream, self.now);
         } else {
@@ -639,6 +715,7 @@ impl Worker<'_> {
             closed: false,
         });
         self.open += 1;
+        self.gate.cell().set_open(self.open);
         self.arm_recv(idx);
         self.gate.served();
     }
@@ -846,6 +923,7 @@ impl Worker<'_> {
         }
         self.gate.release(ip);
         self.open -= 1;
+        self.gate.cell().set_open(self.open);
         while self.open < self.config.max_connections {
             let Some(s) = self.parked.pop_front() else {
                 break;

@@ -29,8 +29,35 @@
 //! in its queue: a shared queue loses nothing when a worker goes away, which
 //! is what a reload with zero dropped connections needs. Measured
 //! (docs/BENCHMARKS.md): the same CPU per message and per connection as
-//! `SO_REUSEPORT` and as the plain herd; the price is placement, since the
-//! woken worker accepts a whole burst.
+//! `SO_REUSEPORT` and as the plain herd; the price is placement, which
+//! `balance` pays back (below).
+//!
+//! ## Balancing accepts (`balance`, on by default)
+//! Left alone, the kernel places long-lived connections badly: it wakes
+//! the first idle worker in the listener's wait queue, the same one every
+//! time, and the woken worker accepts the whole burst. Four streams land on
+//! one worker (one CPU) in most tries, and 50 ping-pong connections split
+//! 50/0 or 46/4, where the worker with a handful sleeps and wakes for
+//! nearly every message (docs/BENCHMARKS.md). So each worker publishes its
+//! open connections in the scoreboard at every accept and close, and after
+//! each accept compares itself with the accepting worker that holds the
+//! fewest, `f`: when it holds more than `f + 1 + f / 8`, it **passes**: it
+//! takes its listeners out of epoll, so that new connections wake the
+//! others, and rings the scoreboard's **doorbell**, an `eventfd` every
+//! worker waits on (edge-triggered, never read), because the kernel may
+//! have told only this worker of the connections already queued. A worker
+//! that hears the doorbell while accepting looks at the queues; one that is
+//! passing comes back as soon as it is no longer ahead, or after
+//! [`PASS_MS`] at the latest, and then takes whatever is queued, ahead or
+//! not, so that a worker that stopped or hangs delays a connection by a
+//! few milliseconds at most (and is not counted at all once its heartbeat
+//! is two ticks old). The connection that shows a worker is ahead is still
+//! served by it: balancing never adds a hop. The margin keeps churn (many
+//! short connections) from passing back and forth: measured, connections
+//! per second are the same with and without. Workers that are full, out of
+//! descriptors or draining are not candidates; during a reload the old
+//! generation, which still holds its connections, leaves new ones to the
+//! new generation until it drains.
 //!
 //! ## Busy polling (`busy_poll`, off by default)
 //! A worker that sleeps in `epoll_wait` between two messages of a
@@ -68,6 +95,9 @@ const TOKEN_SIGNALS: u64 = 0;
 const TOKEN_LISTENER: u64 = 1;
 /// epoll token of connection slot `i` is `TOKEN_CONN + i`.
 const TOKEN_CONN: u64 = 1 << 32;
+/// epoll token of the scoreboard's doorbell (between the listeners and the
+/// connections).
+const TOKEN_DOORBELL: u64 = TOKEN_CONN - 1;
 /// How long accepting pauses after `EMFILE`/`ENFILE`, so that a listener
 /// that stays readable does not spin the CPU (nginx pauses for 500 ms).
 const ACCEPT_PAUSE_MS: u64 = 100;
@@ -298,6 +328,10 @@ pub(crate) enum Accepting {
     /// `EMFILE`/`ENFILE`: resume at this `now_ms()`, or when a connection
     /// closes and frees a descriptor.
     Starved(u64),
+    /// Ahead of the accepting worker with the fewest connections
+    /// (`balance`): the listeners are out until this `now_ms()`, or until
+    /// the doorbell rings and this worker is no longer ahead.
+    Passing(u64),
     /// Draining: the listeners are closed for good.
     Closed,
 }
@@ -308,7 +342,7 @@ impl Accepting {
     /// an accept pause; at most [`TICK_MS`].
     pub(crate) fn wait_ms(self, now: u64, next_scan: u64) -> u64 {
         let mut until = next_scan;
-        if let Accepting::Starved(t) = self {
+        if let Accepting::Starved(t) | Accepting::Passing(t) = self {
             until = until.min(t);
         }
         until.saturating_sub(now).min(TICK_MS)
@@ -352,6 +386,64 @@ impl BusyPoll {
     }
 }
 
+/// How long a worker that is ahead (`balance`) leaves new connections to
+/// the others before it takes what is queued itself; the doorbell usually
+/// ends a pass sooner.
+pub(crate) const PASS_MS: u64 = 5;
+
+/// Accept balancing (`balance`, both loops): whether this worker should
+/// leave the next connection to a worker that holds fewer.
+pub(crate) struct Balance<'a> {
+    seat: Seat<'a>,
+    on: bool,
+    /// A worker whose heartbeat is older than this many milliseconds is
+    /// stopped or hung, and is not waited for.
+    stale_ms: u64,
+}
+
+impl<'a> Balance<'a> {
+    pub(crate) fn new(config: &Config, seat: Seat<'a>) -> Balance<'a> {
+        Balance {
+            seat,
+            on: config.balance && seat.board.doorbell().is_some(),
+            stale_ms: 2 * tick_ms(config) + 10,
+        }
+    }
+
+    /// The doorbell to wait on, if balancing is on.
+    pub(crate) fn doorbell(&self) -> Option<std::os::fd::BorrowedFd<'a>> {
+        if self.on {
+            self.seat.board.doorbell()
+        } else {
+            None
+        }
+    }
+
+    /// Whether a worker holding `open` connections is ahead: it holds more
+    /// than the accepting worker with the fewest, `f`, plus an eighth of
+    /// `f` (so that small counts are balanced exactly and large ones
+    /// within 12.5 %, without a pass for every connection).
+    pub(crate) fn ahead(&self, open: usize, now: u64) -> bool {
+        if !self.on {
+            return false;
+        }
+        let fresh_since = now.saturating_sub(self.stale_ms);
+        match self
+            .seat
+            .board
+            .fewest_open_elsewhere(self.seat.slot, fresh_since)
+        {
+            Some(f) => open as u64 > u64::from(f) + 1 + u64::from(f) / 8,
+            None => false,
+        }
+    }
+
+    /// Tells the other workers to look at the listen queues.
+    pub(crate) fn ring(&self) {
+        self.seat.board.ring();
+    }
+}
+
 /// The worker's whole state.
 struct Worker<'a> {
     config: &'a Config,
@@ -363,6 +455,7 @@ struct Worker<'a> {
     scratch: Vec<u8>,
     accepting: Accepting,
     gate: Gate<'a>,
+    balance: Balance<'a>,
     busy: BusyPoll,
     now: u64,
 }
@@ -410,6 +503,13 @@ impl<'a> Worker<'a> {
     ) -> nix::Result<Worker<'a>> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(signals, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_SIGNALS))?;
+        let balance = Balance::new(config, seat);
+        if let Some(doorbell) = balance.doorbell() {
+            // Edge-triggered: one event per ring, and the counter is never
+            // read (level-triggered, it would stay readable for good).
+            let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+            epoll.add(doorbell, EpollEvent::new(flags, TOKEN_DOORBELL))?;
+        }
         let mut w = Worker {
             config,
             epoll,
@@ -420,6 +520,7 @@ impl<'a> Worker<'a> {
             scratch: vec![0; config.buffer_size],
             accepting: Accepting::Full,
             gate: Gate::new(config, seat),
+            balance,
             busy: BusyPoll::new(config),
             now: now_ms(),
         };
@@ -460,13 +561,22 @@ impl<'a> Worker<'a> {
                         }
                     }
                     t if t >= TOKEN_CONN => self.drive((t - TOKEN_CONN) as usize, ev.events()),
-                    t => self.accept_from((t - TOKEN_LISTENER) as usize),
+                    TOKEN_DOORBELL => self.on_doorbell(),
+                    t => self.accept_from((t - TOKEN_LISTENER) as usize, true),
                 }
             }
-            if let Accepting::Starved(until) = self.accepting {
-                if self.now >= until {
+            match self.accepting {
+                Accepting::Starved(until) if self.now >= until => self.resume_or_log(),
+                Accepting::Passing(until) if self.now >= until => {
+                    // Nobody took the queue over (a worker that stopped
+                    // before its heartbeat went stale, or that is busy):
+                    // take what is queued, whoever is ahead.
                     self.resume_or_log();
+                    for i in 0..self.listeners.len() {
+                        self.accept_from(i, false);
+                    }
                 }
+                _ => {}
             }
             if self.now >= next_scan {
                 self.close_idle();
@@ -479,9 +589,10 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Accepts from listener `i` until `EAGAIN`, the connection cap, or a
-    /// descriptor shortage.
-    fn accept_from(&mut self, i: usize) {
+    /// Accepts from listener `i` until `EAGAIN`, the connection cap, a
+    /// descriptor shortage, or (when `balanced`) until this worker is ahead
+    /// of another.
+    fn accept_from(&mut self, i: usize, balanced: bool) {
         while self.accepting == Accepting::On {
             let full = self.open >= self.config.max_connections;
             if full && self.config.overload == Overload::Wait {
@@ -497,6 +608,15 @@ impl<'a> Worker<'a> {
                 Ok((stream, peer)) => {
                     if let Some(key) = self.gate.admit(&stream, Some(peer), self.now) {
                         self.add_conn(stream, peer, key);
+                    }
+                    if balanced && self.balance.ahead(self.open, self.now) {
+                        // Leave the next ones to the others: out of epoll,
+                        // so that new connections wake them, and a ring for
+                        // those already queued (the kernel may have told
+                        // only this worker).
+                        self.pause_accepting(Accepting::Passing(self.now + PASS_MS));
+                        self.balance.ring();
+                        return;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -539,6 +659,7 @@ impl<'a> Worker<'a> {
             ip,
         });
         self.open += 1;
+        self.gate.cell().set_open(self.open);
         self.gate.served();
     }
 
@@ -603,6 +724,7 @@ impl<'a> Worker<'a> {
         drop(conn);
         self.free.push(idx);
         self.open -= 1;
+        self.gate.cell().set_open(self.open);
         if matches!(self.accepting, Accepting::Full | Accepting::Starved(_)) {
             self.resume_or_log();
         }
@@ -631,7 +753,7 @@ impl<'a> Worker<'a> {
 
     fn resume_or_log(&mut self) {
         if self.open >= self.config.max_connections {
-            self.accepting = Accepting::Full;
+            self.pause_accepting(Accepting::Full);
             return;
         }
         if let Err(e) = self.resume_accepting() {
@@ -652,7 +774,26 @@ impl<'a> Worker<'a> {
             self.epoll.add(l, ev)?;
         }
         self.accepting = Accepting::On;
+        self.gate.cell().set_accepting(true);
         Ok(())
+    }
+
+    /// The doorbell rang: another worker passed on connections, or one
+    /// that was ahead is no longer.
+    fn on_doorbell(&mut self) {
+        match self.accepting {
+            Accepting::Passing(_) if !self.balance.ahead(self.open, self.now) => {
+                self.resume_or_log();
+            }
+            // The queue may hold connections whose wake-up went to the
+            // worker that passed.
+            Accepting::On => {
+                for i in 0..self.listeners.len() {
+                    self.accept_from(i, true);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Takes the listeners out of epoll. `EPOLLEXCLUSIVE` registrations
@@ -664,6 +805,10 @@ impl<'a> Worker<'a> {
             }
         }
         self.accepting = why;
+        // A worker that passes still counts for the others' balance: it is
+        // only waiting for them to catch up.
+        let candidate = matches!(why, Accepting::Passing(_));
+        self.gate.cell().set_accepting(candidate);
     }
 
     /// `SIGTERM`: stop accepting for good and finish the open connections.
@@ -679,6 +824,10 @@ impl<'a> Worker<'a> {
         }
         self.pause_accepting(Accepting::Closed);
         self.listeners.clear();
+        if let Some(doorbell) = self.balance.doorbell() {
+            // Shared with the other workers, like the listeners.
+            let _ = self.epoll.delete(doorbell);
+        }
         log::info!("draining {} connections", self.open);
     }
 }
@@ -699,6 +848,58 @@ mod tests {
             busy_poll: window,
             ..Config::default()
         })
+    }
+
+    #[test]
+    fn a_worker_is_ahead_by_two_connections_or_an_eighth() {
+        let mut board = Scoreboard::new().unwrap();
+        let (me, other) = (board.claim().unwrap(), board.claim().unwrap());
+        let config = Config::default();
+        assert!(config.balance, "balance is on by default");
+        let seat = Seat {
+            board: &board,
+            slot: me,
+            master: None,
+        };
+        let balance = Balance::new(&config, seat);
+        let now = 100_000;
+        let cell = board.cell(other);
+        // The other worker is not up yet (no heartbeat, not accepting):
+        // nobody to leave connections to.
+        assert!(!balance.ahead(50, now));
+        cell.beat(now, 0);
+        assert!(!balance.ahead(50, now), "not accepting: not counted");
+        cell.set_accepting(true);
+        // Small counts: ahead with two more than the other.
+        assert!(!balance.ahead(1, now));
+        assert!(balance.ahead(2, now));
+        cell.set_open(3);
+        assert!(!balance.ahead(4, now));
+        assert!(balance.ahead(5, now));
+        // Large counts: an eighth more (80 + 1 + 10).
+        cell.set_open(80);
+        assert!(!balance.ahead(91, now));
+        assert!(balance.ahead(92, now));
+        // Full, starved or draining: not a candidate.
+        cell.set_accepting(false);
+        assert!(!balance.ahead(1000, now));
+        // Stopped or hung (heartbeat older than two ticks): not waited for.
+        cell.set_accepting(true);
+        let stale = 2 * tick_ms(&config) + 10;
+        cell.beat(now - stale, 0);
+        assert!(balance.ahead(2, now));
+        cell.beat(now - stale - 1, 0);
+        assert!(!balance.ahead(2, now));
+        // balance = false never passes.
+        cell.beat(now, 0);
+        let off = Config {
+            balance: false,
+            ..Config::default()
+        };
+        let unbalanced = Balance::new(&off, seat);
+        assert!(!unbalanced.ahead(1000, now));
+        assert!(unbalanced.doorbell().is_none());
+        assert!(balance.doorbell().is_some());
     }
 
     #[test]

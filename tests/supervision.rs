@@ -1,7 +1,8 @@
 //! The process tree under supervision, checked from `/proc`: the pool size
 //! and the respawn of a killed worker, the fork-mode cap on live children,
-//! nothing left behind when the master is killed, and who holds which
-//! descriptor after each fork (close-after-fork verified, not assumed).
+//! nothing left behind when the master is killed, who holds which
+//! descriptor after each fork (close-after-fork verified, not assumed), and
+//! which worker holds which connection (`balance`).
 //!
 //! Connections are attributed to processes through their socket inodes:
 //! `/proc/PID/fd` gives a process's `socket:[INODE]`s and `/proc/net/tcp{,6}`
@@ -470,6 +471,11 @@ fn fork_mode_child_holds_only_its_own_connection() {
             "child {k} holds other sockets; fds {:?}",
             fd_targets(k)
         );
+        let targets = fd_targets(k);
+        assert!(
+            !targets.iter().any(|t| t.contains("eventfd")),
+            "child {k} holds the workers' doorbell: {targets:?}"
+        );
         served.push(s.remote);
     }
     served.sort_unstable();
@@ -558,4 +564,107 @@ fn prefork_worker_holds_no_other_workers_descriptors() {
         "errors in the log:\n{}",
         e.log()
     );
+}
+
+/// How many of `conns` each of `workers` holds, in the order of `workers`.
+fn split(workers: &[i32], server_ports: &[u16], conns: &[TcpStream]) -> Vec<usize> {
+    let held = holders(workers, server_ports);
+    workers
+        .iter()
+        .map(|w| {
+            conns
+                .iter()
+                .filter(|s| held.get(&client_addr(s)).is_some_and(|h| h.contains(w)))
+                .count()
+        })
+        .collect()
+}
+
+/// Opens `n` connections one after another, each accepted and echoed
+/// before the next connects.
+fn open_one_by_one(addrs: &[SocketAddr], n: usize, seed: u64) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            let mut s = connect(addrs[i % addrs.len()]);
+            let p = payload(seed * 1000 + i as u64, 64);
+            assert_eq!(roundtrip(&mut s, &p).unwrap(), p);
+            s
+        })
+        .collect()
+}
+
+/// `balance` (on by default) with 2 workers. A worker passes on new
+/// connections once it holds 2 more than the other; it takes one more only
+/// when the other has not taken the queue over within the pass (5 ms),
+/// which a loaded machine allows, hence the slack in the bounds.
+/// - 16 connections one after another: epoll's exclusive wake-up hands
+///   each to the same idle worker (the first in the listener's wait queue),
+///   16/0 without balancing; spread with it.
+/// - Then the clients of the first worker hang up, and 16 more connect one
+///   after another: io_uring's one-shot accepts take turns (8 each, 8/16
+///   in the end without balancing); with it, the emptied worker catches
+///   up.
+/// - Then a burst of 20 clients released together is spread too.
+fn balance_spreads_connections(extra: &str) {
+    let e = Echod::start(&config_both(&format!("workers = 2\n{extra}")));
+    let addrs = e.addrs();
+    let server_ports = ports(&addrs);
+    assert!(wait_until(Duration::from_secs(5), || e.workers().len() == 2));
+    assert!(e.wait_workers_up(Duration::from_secs(5)));
+    let workers = e.workers();
+
+    let conns = open_one_by_one(&addrs, 16, 50);
+    let counts = split(&workers, &server_ports, &conns);
+    assert_eq!(counts.iter().sum::<usize>(), 16, "{counts:?}");
+    assert!(
+        counts.iter().all(|&n| n >= 5),
+        "16 connections one after another split {counts:?}"
+    );
+
+    let held = holders(&workers, &server_ports);
+    let (gone, mut conns): (Vec<TcpStream>, Vec<TcpStream>) = conns.into_iter().partition(|s| {
+        held.get(&client_addr(s))
+            .is_some_and(|h| h.contains(&workers[0]))
+    });
+    drop(gone);
+    assert!(
+        wait_until(Duration::from_secs(5), || tcp_sockets_of(workers[0])
+            .iter()
+            .all(TcpSocket::listening)),
+        "worker {} did not close its connections",
+        workers[0]
+    );
+    conns.extend(open_one_by_one(&addrs, 16, 51));
+    let counts = split(&workers, &server_ports, &conns);
+    assert_eq!(counts.iter().sum::<usize>(), conns.len(), "{counts:?}");
+    assert!(
+        counts[0].abs_diff(counts[1]) <= 5,
+        "after the first worker's clients left and 16 more came: {counts:?}"
+    );
+
+    let burst = open_burst(&addrs, 20, 52);
+    let counts = split(&workers, &server_ports, &burst);
+    assert_eq!(counts.iter().sum::<usize>(), 20, "{counts:?}");
+    assert!(
+        counts.iter().all(|&n| n >= 4),
+        "a burst of 20 split {counts:?}"
+    );
+    conns.extend(burst);
+    let all = split(&workers, &server_ports, &conns);
+    eprintln!("balance: {} connections held {all:?}", conns.len());
+    assert!(
+        e.error_lines().is_empty(),
+        "errors in the log:\n{}",
+        e.log()
+    );
+}
+
+#[test]
+fn balance_spreads_connections_over_epoll_workers() {
+    balance_spreads_connections("");
+}
+
+#[test]
+fn balance_spreads_connections_over_io_uring_workers() {
+    balance_spreads_connections("io = \"io_uring\"");
 }

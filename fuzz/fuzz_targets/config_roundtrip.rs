@@ -80,6 +80,7 @@ fn config(u: &mut Unstructured) -> Result<Config> {
         } else {
             Duration::from_nanos(u.int_in_range(0..=1_000_000_000)?)
         },
+        balance: u.arbitrary()?,
         max_connections: u.int_in_range(1..=1_000_000)?,
         max_connections_per_ip: u.int_in_range(0..=1_000_000)?,
         overload: *u.choose(&[Overload::Wait, Overload::Reject])?,
