@@ -420,9 +420,11 @@ impl<'a> Balance<'a> {
     }
 
     /// Whether a worker holding `open` connections is ahead: it holds more
-    /// than the accepting worker with the fewest, `f`, plus an eighth of
-    /// `f` (so that small counts are balanced exactly and large ones
-    /// within 12.5 %, without a pass for every connection).
+    /// than `f + 1 + f / 8`, where `f` is the fewest any other accepting
+    /// worker holds. Small counts end up within two of each other, large
+    /// ones within an eighth; the one spare connection keeps churn (many
+    /// short connections, counts moving by one all the time) from passing
+    /// back and forth.
     pub(crate) fn ahead(&self, open: usize, now: u64) -> bool {
         if !self.on {
             return false;
