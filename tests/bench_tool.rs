@@ -239,7 +239,7 @@ fn every_load_against_echod(extra: &str, prefork: bool) {
         "--json",
     ]);
     assert_eq!(num(&json, "held"), 200.0, "{json}");
-    assert!(e.error_lines().is_empty(), "{}", e.log());
+    e.assert_no_errors();
 }
 
 /// `echod_prefork_passes_every_load`: echod-bench against echod's epoll

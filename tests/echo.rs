@@ -200,11 +200,7 @@ fn echo_is_byte_exact(mode: &str, extra: &str, seed: u64) {
         );
         assert_eq!(e.workers().len(), 2);
     }
-    assert!(
-        e.error_lines().is_empty(),
-        "errors in the log:\n{}",
-        e.log()
-    );
+    e.assert_no_errors();
 }
 
 /// `prefork_echo_is_byte_exact`: in prefork mode, 200 concurrent
@@ -248,7 +244,7 @@ fn io_uring_refused_falls_back_to_epoll() {
     for i in 0..4 {
         echo_once(e.addr(), &vec![i as u8; 3000]);
     }
-    assert!(e.error_lines().is_empty(), "{}", e.log());
+    e.assert_no_errors();
 }
 
 /// `fork_echo_is_byte_exact`: the same in fork mode, one child per
@@ -296,11 +292,7 @@ fn single_process_serves_without_children() {
         "a master started:\n{}",
         e.log()
     );
-    assert!(
-        e.error_lines().is_empty(),
-        "errors in the log:\n{}",
-        e.log()
-    );
+    e.assert_no_errors();
 }
 
 /// Waits (up to 10 s) until `pid` has used no CPU for half a second, and
@@ -358,7 +350,7 @@ fn busy_poll(io: &str) {
             );
         }
         echo_once(e.addr(), b"still serving\r\n");
-        assert!(e.error_lines().is_empty(), "{}", e.log());
+        e.assert_no_errors();
     }
 }
 

@@ -277,7 +277,7 @@ fn non_reading_client(mode: &str) {
         }
     }
     assert_eq!(got, sent, "the slow client got {got} of its {sent} bytes");
-    assert!(e.error_lines().is_empty(), "errors:\n{}", e.log());
+    e.assert_no_errors();
 }
 
 /// `prefork_non_reading_client_is_backpressured`: with one worker and
@@ -347,7 +347,7 @@ fn stuck_send_is_closed_at_idle_timeout(mode: &str) {
     );
     echo_once(addr, b"the next client");
     assert_eq!(e.workers(), vec![worker], "the worker changed");
-    assert!(e.error_lines().is_empty(), "errors:\n{}", e.log());
+    e.assert_no_errors();
 }
 
 /// `prefork_stuck_send_is_closed_at_idle_timeout`: a connection whose echo
@@ -714,7 +714,7 @@ fn per_ip_cap(mode: &str, extra: &str, cap: usize, others: usize, refusal: &str,
         .unwrap_or_else(|e| panic!("127.0.0.2 not admitted after closing one: {e}"));
     eprintln!("{mode}: readmitted after {refused} refusals");
     echo_on(&mut again, b"back", "127.0.0.2 readmitted");
-    assert!(e.error_lines().is_empty(), "errors:\n{}", e.log());
+    e.assert_no_errors();
 }
 
 /// `prefork_per_ip_cap_counts_across_workers`: two workers with
@@ -840,7 +840,7 @@ fn reset_storm(mode: &str) {
         "a 4th connection from 127.0.0.2 was admitted after the storm"
     );
     assert_eq!(e.workers(), workers, "a worker died:\n{}", e.log());
-    assert!(e.error_lines().is_empty(), "errors:\n{}", e.log());
+    e.assert_no_errors();
 }
 
 /// `prefork_reset_storm_leaks_nothing`: 300 clients from 127.0.0.2 (with
@@ -1199,7 +1199,7 @@ fn fork_mode_leaves_no_zombies() {
         "a zombie stayed unreaped for {worst_age:?}"
     );
     assert!(zombies_of(e.pid).is_empty());
-    assert!(e.error_lines().is_empty(), "errors:\n{}", e.log());
+    e.assert_no_errors();
 }
 
 // ---------------------------------------------------------------------------

@@ -66,7 +66,7 @@ fn sd_notify_ready_reloading_stopping() {
         e.wait_exit(Duration::from_secs(10)).map(|s| s.code()),
         Some(Some(0))
     );
-    assert!(e.error_lines().is_empty(), "{}", e.log());
+    e.assert_no_errors();
 }
 
 /// Socket activation through `systemd-socket-activate`: echod serves the
@@ -304,7 +304,7 @@ fn workers_drop_privileges() {
     }
     assert_eq!(id_line(e.pid, "Uid:").split_whitespace().nth(1), Some("0"));
     echo_once(e.addr(), b"as nobody");
-    assert!(e.error_lines().is_empty(), "{}", e.log());
+    e.assert_no_errors();
 }
 
 /// `user`/`group` that echod, started unprivileged, cannot switch to: a

@@ -215,11 +215,7 @@ fn prefork_pool_is_exactly_workers_and_a_killed_worker_is_replaced() {
     }
     assert_eq!(e.workers().len(), WORKERS);
     assert_eq!(e.children().len(), WORKERS);
-    assert!(
-        e.error_lines().is_empty(),
-        "errors in the log:\n{}",
-        e.log()
-    );
+    e.assert_no_errors();
 }
 
 /// `fork_mode_caps_live_children_at_max_connections`: with
@@ -327,11 +323,7 @@ fn fork_mode_caps_live_children_at_max_connections() {
         "children left: {:?}",
         e.children()
     );
-    assert!(
-        e.error_lines().is_empty(),
-        "errors in the log:\n{}",
-        e.log()
-    );
+    e.assert_no_errors();
 }
 
 /// Kills the master with SIGKILL and checks that within 2 s none of
@@ -377,11 +369,7 @@ fn assert_nothing_survives_master(mut e: Echod, pids: Vec<i32>, mut conns: Vec<T
         TcpListener::bind(a)
             .unwrap_or_else(|err| panic!("{a} still bound after the master died: {err}"));
     }
-    assert!(
-        e.error_lines().is_empty(),
-        "errors in the log:\n{}",
-        e.log()
-    );
+    e.assert_no_errors();
 }
 
 /// `sigkill_to_master_leaves_no_prefork_worker`: SIGKILL to the master of a
@@ -495,11 +483,7 @@ fn fork_mode_child_holds_only_its_own_connection() {
     assert!(wait_until(Duration::from_secs(5), || e
         .children()
         .is_empty()));
-    assert!(
-        e.error_lines().is_empty(),
-        "errors in the log:\n{}",
-        e.log()
-    );
+    e.assert_no_errors();
 }
 
 /// `prefork_worker_holds_no_other_workers_descriptors`: every descriptor of
@@ -559,11 +543,7 @@ fn prefork_worker_holds_no_other_workers_descriptors() {
     assert_eq!(master.len(), addrs.len(), "{master:?}");
     let distinct: HashSet<i32> = held.values().flatten().copied().collect();
     eprintln!("{} connections over workers {distinct:?}", conns.len());
-    assert!(
-        e.error_lines().is_empty(),
-        "errors in the log:\n{}",
-        e.log()
-    );
+    e.assert_no_errors();
 }
 
 /// How many of `conns` each of `workers` holds, in the order of `workers`.
@@ -612,14 +592,19 @@ fn balance_spreads_connections(extra: &str) {
     assert!(wait_until(Duration::from_secs(5), || e.workers().len() == 2));
     assert!(e.wait_workers_up(Duration::from_secs(5)));
     let workers = e.workers();
+    // Every one of `conns` is held by a worker, each worker holding at
+    // least `least`.
+    let assert_spread = |conns: &[TcpStream], least: usize, what: &str| {
+        let counts = split(&workers, &server_ports, conns);
+        assert_eq!(counts.iter().sum::<usize>(), conns.len(), "{counts:?}");
+        assert!(
+            counts.iter().all(|&n| n >= least),
+            "{what} split {counts:?}"
+        );
+    };
 
     let conns = open_one_by_one(&addrs, 16, 50);
-    let counts = split(&workers, &server_ports, &conns);
-    assert_eq!(counts.iter().sum::<usize>(), 16, "{counts:?}");
-    assert!(
-        counts.iter().all(|&n| n >= 5),
-        "16 connections one after another split {counts:?}"
-    );
+    assert_spread(&conns, 5, "16 connections one after another");
 
     let held = holders(&workers, &server_ports);
     let (gone, mut conns): (Vec<TcpStream>, Vec<TcpStream>) = conns.into_iter().partition(|s| {
@@ -643,20 +628,11 @@ fn balance_spreads_connections(extra: &str) {
     );
 
     let burst = open_burst(&addrs, 20, 52);
-    let counts = split(&workers, &server_ports, &burst);
-    assert_eq!(counts.iter().sum::<usize>(), 20, "{counts:?}");
-    assert!(
-        counts.iter().all(|&n| n >= 4),
-        "a burst of 20 split {counts:?}"
-    );
+    assert_spread(&burst, 4, "a burst of 20");
     conns.extend(burst);
     let all = split(&workers, &server_ports, &conns);
     eprintln!("balance: {} connections held {all:?}", conns.len());
-    assert!(
-        e.error_lines().is_empty(),
-        "errors in the log:\n{}",
-        e.log()
-    );
+    e.assert_no_errors();
 }
 
 #[test]

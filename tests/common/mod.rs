@@ -305,6 +305,16 @@ impl Echod {
             .map(str::to_string)
             .collect()
     }
+
+    /// Fails the test, showing the whole log, if echod logged an error.
+    #[track_caller]
+    pub fn assert_no_errors(&self) {
+        assert!(
+            self.error_lines().is_empty(),
+            "errors in the log:\n{}",
+            self.log()
+        );
+    }
 }
 
 impl Drop for Echod {
