@@ -9,9 +9,9 @@
 //!
 //! Also the **doorbell** of accept balancing: one `eventfd` the master makes
 //! with the mapping, inherited by every worker. A worker that is ahead of
-//! the others in open connections stops accepting for a moment and rings it,
-//! so that the others look at the listen queues (see [`crate::worker`],
-//! "Balancing accepts").
+//! the others in open connections stops accepting for a moment, and rings
+//! it when no other worker is listening, so that those no longer ahead come
+//! back (see [`crate::worker`], "Balancing accepts").
 //!
 //! Owns: one anonymous shared mapping and the doorbell. It must be `MAP_SHARED` and made
 //! before `fork()`: a private mapping (or a `memmap2` anonymous map) would
@@ -22,7 +22,7 @@ use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
@@ -47,10 +47,31 @@ pub struct Cell {
     /// The worker served `max_requests_per_worker` connections and asks to
     /// be recycled.
     wants_retire: AtomicBool,
-    /// The worker takes new connections (its listeners are armed, or it
-    /// passed for a moment because it is ahead): a candidate when another
-    /// worker asks who has the fewest connections.
-    accepting: AtomicBool,
+    /// Whether the worker takes new connections: a [`Taking`] as `u8`.
+    taking: AtomicU8,
+}
+
+/// Whether a worker takes new connections, for the others' balancing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Taking {
+    /// Full, out of descriptors, draining, or not started.
+    No = 0,
+    /// Ahead of the others: it leaves new connections to them for a
+    /// moment, and still counts as a candidate.
+    Passing = 1,
+    /// Its listeners are armed: a new connection may wake it.
+    Listening = 2,
+}
+
+/// What a worker sees of the others when it balances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Others {
+    /// The fewest open connections among the candidates (passing or
+    /// listening); `None` if there is no candidate.
+    pub fewest: Option<u32>,
+    /// Whether one of them is listening.
+    pub listening: bool,
 }
 
 /// Buckets per hash in a worker's per-address table.
@@ -152,7 +173,7 @@ impl Scoreboard {
         cell.served.store(0, Ordering::Relaxed);
         cell.open.store(0, Ordering::Relaxed);
         cell.wants_retire.store(false, Ordering::Relaxed);
-        cell.accepting.store(false, Ordering::Relaxed);
+        cell.taking.store(Taking::No as u8, Ordering::Relaxed);
         for row in &self.shared().ips[slot].rows {
             for bucket in row {
                 bucket.store(0, Ordering::Relaxed);
@@ -245,29 +266,30 @@ impl Scoreboard {
         self.cell(slot).open.load(Ordering::Relaxed)
     }
 
-    /// The fewest open connections among the other workers that take new
-    /// connections and beat at or after `fresh_since` (a stopped or hung
-    /// worker does not count); `None` if there is no such worker.
-    pub fn fewest_open_elsewhere(&self, slot: usize, fresh_since: u64) -> Option<u32> {
+    /// The other workers that take new connections and beat at or after
+    /// `fresh_since` (a stopped or hung worker does not count).
+    pub fn others(&self, slot: usize, fresh_since: u64) -> Others {
         let shared = self.shared();
-        let mut fewest = None;
+        let mut others = Others::default();
         for (word_index, word) in shared.live.iter().enumerate() {
             let mut bits = word.load(Ordering::Acquire);
             while bits != 0 {
                 let other = word_index * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
                 let cell = &shared.cells[other];
+                let taking = cell.taking.load(Ordering::Relaxed);
                 if other == slot
-                    || !cell.accepting.load(Ordering::Relaxed)
+                    || taking == Taking::No as u8
                     || cell.heartbeat_ms.load(Ordering::Relaxed) < fresh_since.max(1)
                 {
                     continue;
                 }
                 let open = cell.open.load(Ordering::Relaxed);
-                fewest = Some(fewest.map_or(open, |f: u32| f.min(open)));
+                others.fewest = Some(others.fewest.map_or(open, |f| f.min(open)));
+                others.listening |= taking == Taking::Listening as u8;
             }
         }
-        fewest
+        others
     }
 }
 
@@ -286,8 +308,8 @@ impl Cell {
     }
 
     /// Says whether the worker takes new connections.
-    pub fn set_accepting(&self, accepting: bool) {
-        self.accepting.store(accepting, Ordering::Relaxed);
+    pub fn set_taking(&self, taking: Taking) {
+        self.taking.store(taking as u8, Ordering::Relaxed);
     }
 
     /// Counts one accepted connection; returns the new total.
@@ -390,6 +412,44 @@ mod tests {
                 assert!(a.0[0] != c.0[0] || a.0[1] != c.0[1], "{a:?} {c:?}");
             }
         }
+    }
+
+    #[test]
+    fn others_are_the_fresh_live_workers_that_take_connections() {
+        let mut b = Scoreboard::new().unwrap();
+        let (me, w1, w2) = (b.claim().unwrap(), b.claim().unwrap(), b.claim().unwrap());
+        let none = Others {
+            fewest: None,
+            listening: false,
+        };
+        assert_eq!(b.others(me, 0), none, "nobody has beaten yet");
+        b.cell(me).beat(100, 0);
+        b.cell(me).set_taking(Taking::Listening);
+        assert_eq!(b.others(me, 0), none, "not counting itself");
+        b.cell(w1).beat(100, 7);
+        b.cell(w1).set_taking(Taking::Passing);
+        b.cell(w2).beat(100, 3);
+        b.cell(w2).set_taking(Taking::No);
+        assert_eq!(
+            b.others(me, 0),
+            Others {
+                fewest: Some(7),
+                listening: false
+            }
+        );
+        b.cell(w2).set_taking(Taking::Listening);
+        b.cell(w2).set_open(2);
+        assert_eq!(
+            b.others(me, 0),
+            Others {
+                fewest: Some(2),
+                listening: true
+            }
+        );
+        // Heartbeats before `fresh_since` and released slots do not count.
+        assert_eq!(b.others(me, 101), none);
+        b.release(w2);
+        assert_eq!(b.others(me, 0).fewest, Some(7));
     }
 
     #[test]

@@ -26,7 +26,10 @@
 //! Accept balancing follows the epoll worker's rule (see [`crate::worker`]):
 //! after an accepted connection, a worker that is ahead cancels its accept
 //! requests instead of arming them again, and rings the doorbell; hearing
-//! it, an accepting worker takes what is queued with plain `accept4`.
+//! it, an accepting worker takes what is queued with plain `accept4`. It
+//! rings at every pass, where the epoll worker rings only when no other
+//! worker listens: an accept request takes its connection's wake-up
+//! whether or not it is then cancelled.
 //!
 //! A ping-pong message therefore costs no syscall of its own: its receive
 //! completion and its send request ride on the loop turn's one
@@ -60,7 +63,7 @@ use crate::config::{Config, Overload};
 use crate::echo::Close;
 use crate::listener::Listener;
 use crate::process::exit_code;
-use crate::scoreboard::{now_ms, IpKey};
+use crate::scoreboard::{now_ms, IpKey, Taking};
 use crate::signals::SignalPipe;
 use crate::worker::{
     on_signal, tick_ms, Accepting, Balance, BusyPoll, Gate, Seat, Signaled, PASS_MS,
@@ -573,7 +576,7 @@ impl Worker<'_> {
             return;
         }
         self.accepting = Accepting::On;
-        self.gate.cell().set_accepting(true);
+        self.gate.cell().set_taking(Taking::Listening);
         for i in 0..self.listeners.len() {
             self.arm_accept(i);
         }
@@ -605,8 +608,7 @@ impl Worker<'_> {
             }
         }
         self.accepting = why;
-        let candidate = matches!(why, Accepting::Passing(_));
-        self.gate.cell().set_accepting(candidate);
+        self.gate.cell().set_taking(why.taking());
     }
 
     fn start_draining(&mut self) {
@@ -625,7 +627,7 @@ impl Worker<'_> {
         }
         let was = self.accepting;
         self.accepting = Accepting::Closed;
-        self.gate.cell().set_accepting(false);
+        self.gate.cell().set_taking(Taking::No);
         if self.balance.doorbell().is_some() {
             let e = opcode::AsyncCancel::new(ud(KIND_DOORBELL, 0))
                 .build()
@@ -672,6 +674,10 @@ impl Worker<'_> {
             {
                 // Leave the next ones to the others (see the epoll
                 // worker's accept_from).
+                // Always ring, unlike the epoll worker: an accept request
+                // cancelled by the pass may have taken the wake-up of a
+                // connection that is still queued, and the others would
+                // hear of it only at their next accept or tick.
                 self.pause_accepting(Accepting::Passing(self.now + PASS_MS));
                 self.balance.ring();
                 return;
@@ -930,8 +936,14 @@ impl Worker<'_> {
             };
             self.admit(s);
         }
-        if matches!(self.accepting, Accepting::Full | Accepting::Starved(_)) {
-            self.resume_or_log();
+        match self.accepting {
+            Accepting::Full | Accepting::Starved(_) => self.resume_or_log(),
+            // Many short connections: back as soon as it is level again,
+            // rather than at the end of the pass.
+            Accepting::Passing(_) if !self.balance.ahead(self.open, self.now) => {
+                self.resume_or_log();
+            }
+            _ => {}
         }
     }
 

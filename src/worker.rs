@@ -40,24 +40,39 @@
 //! 50/0 or 46/4, where the worker with a handful sleeps and wakes for
 //! nearly every message (docs/BENCHMARKS.md). So each worker publishes its
 //! open connections in the scoreboard at every accept and close, and after
-//! each accept compares itself with the accepting worker that holds the
-//! fewest, `f`: when it holds more than `f + 1 + f / 8`, it **passes**: it
-//! takes its listeners out of epoll, so that new connections wake the
-//! others, and rings the scoreboard's **doorbell**, an `eventfd` every
-//! worker waits on (edge-triggered, never read), because the kernel may
-//! have told only this worker of the connections already queued. A worker
-//! that hears the doorbell while accepting looks at the queues; one that is
-//! passing comes back as soon as it is no longer ahead, or after
-//! [`PASS_MS`] at the latest, and then takes whatever is queued, ahead or
-//! not, so that a worker that stopped or hangs delays a connection by a
-//! few milliseconds at most (and is not counted at all once its heartbeat
-//! is two ticks old). The connection that shows a worker is ahead is still
-//! served by it: balancing never adds a hop. The margin keeps churn (many
-//! short connections) from passing back and forth: measured, connections
-//! per second are the same with and without. Workers that are full, out of
-//! descriptors or draining are not candidates; during a reload the old
-//! generation, which still holds its connections, leaves new ones to the
-//! new generation until it drains.
+//! each accept compares itself with the other workers that take
+//! connections: when it holds more than `f + 1 + f / 8`, `f` being the
+//! fewest any of them holds, it **passes**: it takes its listeners out of
+//! epoll, so that new connections wake the others. It comes back as soon as
+//! it is no longer ahead (one of its connections closes, or the doorbell
+//! below rings and the others have caught up), or after [`PASS_MS`] at the
+//! latest, and then takes whatever is queued, ahead or not: a worker that
+//! stopped or hangs delays a connection by a few milliseconds at most, and
+//! is not counted at all once its heartbeat is two ticks old. The
+//! connection that shows a worker is ahead is still served by it:
+//! balancing never adds a hop.
+//!
+//! Nothing needs telling the others of the connections already queued:
+//! the wake-up that brought this worker removed it from epoll's wait queue,
+//! so every later connection's wake-up went to another waiting worker (or,
+//! if all were busy, onto their ready lists). What needs telling is the
+//! case where every other worker is passing too (each was ahead when it
+//! last accepted, and connections have closed since): then nobody would
+//! hear of the next connection until a pass ends, so the worker rings the
+//! scoreboard's **doorbell**, an `eventfd` every worker waits on
+//! (edge-triggered, never read), and the passing workers that are no
+//! longer ahead come back. A listening worker that hears it looks at the
+//! queues. Ringing only then matters with many workers: a ring wakes every
+//! idle worker.
+//!
+//! The margin keeps churn (many short connections, counts moving by one
+//! all the time) from passing back and forth: measured, connections per
+//! second are the same with and without. Spreading has a price where
+//! workers outnumber free CPUs: one worker serving everything batches
+//! more per wake-up (docs/BENCHMARKS.md, "Balancing accepts"). Workers
+//! that are full, out of descriptors or draining are not candidates;
+//! during a reload the old generation, which still holds its connections,
+//! leaves new ones to the new generation until it drains.
 //!
 //! ## Busy polling (`busy_poll`, off by default)
 //! A worker that sleeps in `epoll_wait` between two messages of a
@@ -86,7 +101,7 @@ use crate::config::{Config, Overload};
 use crate::echo::{Close, Echo, Next};
 use crate::listener::Listener;
 use crate::process::exit_code;
-use crate::scoreboard::{now_ms, IpKey, Scoreboard};
+use crate::scoreboard::{now_ms, IpKey, Others, Scoreboard, Taking};
 use crate::signals::{SignalPipe, WORKER_SIGNALS};
 
 /// epoll token of the signal pipe.
@@ -337,6 +352,16 @@ pub(crate) enum Accepting {
 }
 
 impl Accepting {
+    /// What the others see of this state when they balance: a worker that
+    /// passes still counts, it only waits for them to catch up.
+    pub(crate) fn taking(self) -> Taking {
+        match self {
+            Accepting::On => Taking::Listening,
+            Accepting::Passing(_) => Taking::Passing,
+            Accepting::Full | Accepting::Starved(_) | Accepting::Closed => Taking::No,
+        }
+    }
+
     /// Milliseconds from `now` until a worker loop's next timer (both
     /// loops): the idle scan / heartbeat tick at `next_scan`, or the end of
     /// an accept pause; at most [`TICK_MS`].
@@ -429,18 +454,33 @@ impl<'a> Balance<'a> {
         if !self.on {
             return false;
         }
-        let fresh_since = now.saturating_sub(self.stale_ms);
-        match self
-            .seat
-            .board
-            .fewest_open_elsewhere(self.seat.slot, fresh_since)
-        {
+        match self.others(now).fewest {
             Some(f) => open as u64 > u64::from(f) + 1 + u64::from(f) / 8,
             None => false,
         }
     }
 
-    /// Tells the other workers to look at the listen queues.
+    /// The other workers that take connections, stopped or hung ones left
+    /// out.
+    fn others(&self, now: u64) -> Others {
+        let fresh_since = now.saturating_sub(self.stale_ms);
+        self.seat.board.others(self.seat.slot, fresh_since)
+    }
+
+    /// Rings the doorbell for a worker that just passed if no other worker
+    /// listens: they all pass, and the ring brings back those no longer
+    /// ahead. Otherwise a listening worker already heard of every
+    /// connection in the queue (see "Balancing accepts" above), and a ring
+    /// would only wake every idle worker for nothing: with many workers
+    /// and many short connections, that is most passes.
+    pub(crate) fn ring_if_alone(&self, now: u64) {
+        if !self.others(now).listening {
+            self.seat.board.ring();
+        }
+    }
+
+    /// Rings the doorbell whoever listens (the io_uring worker: see
+    /// [`crate::uring`]).
     pub(crate) fn ring(&self) {
         self.seat.board.ring();
     }
@@ -613,11 +653,9 @@ impl<'a> Worker<'a> {
                     }
                     if balanced && self.balance.ahead(self.open, self.now) {
                         // Leave the next ones to the others: out of epoll,
-                        // so that new connections wake them, and a ring for
-                        // those already queued (the kernel may have told
-                        // only this worker).
+                        // so that new connections wake them.
                         self.pause_accepting(Accepting::Passing(self.now + PASS_MS));
-                        self.balance.ring();
+                        self.balance.ring_if_alone(self.now);
                         return;
                     }
                 }
@@ -727,8 +765,14 @@ impl<'a> Worker<'a> {
         self.free.push(idx);
         self.open -= 1;
         self.gate.cell().set_open(self.open);
-        if matches!(self.accepting, Accepting::Full | Accepting::Starved(_)) {
-            self.resume_or_log();
+        match self.accepting {
+            Accepting::Full | Accepting::Starved(_) => self.resume_or_log(),
+            // Many short connections: back as soon as it is level again,
+            // rather than at the end of the pass.
+            Accepting::Passing(_) if !self.balance.ahead(self.open, self.now) => {
+                self.resume_or_log();
+            }
+            _ => {}
         }
     }
 
@@ -776,7 +820,7 @@ impl<'a> Worker<'a> {
             self.epoll.add(l, ev)?;
         }
         self.accepting = Accepting::On;
-        self.gate.cell().set_accepting(true);
+        self.gate.cell().set_taking(Taking::Listening);
         Ok(())
     }
 
@@ -807,10 +851,7 @@ impl<'a> Worker<'a> {
             }
         }
         self.accepting = why;
-        // A worker that passes still counts for the others' balance: it is
-        // only waiting for them to catch up.
-        let candidate = matches!(why, Accepting::Passing(_));
-        self.gate.cell().set_accepting(candidate);
+        self.gate.cell().set_taking(why.taking());
     }
 
     /// `SIGTERM`: stop accepting for good and finish the open connections.
@@ -871,7 +912,7 @@ mod tests {
         assert!(!balance.ahead(50, now));
         cell.beat(now, 0);
         assert!(!balance.ahead(50, now), "not accepting: not counted");
-        cell.set_accepting(true);
+        cell.set_taking(Taking::Listening);
         // Small counts: ahead with two more than the other.
         assert!(!balance.ahead(1, now));
         assert!(balance.ahead(2, now));
@@ -883,10 +924,13 @@ mod tests {
         assert!(!balance.ahead(91, now));
         assert!(balance.ahead(92, now));
         // Full, starved or draining: not a candidate.
-        cell.set_accepting(false);
+        cell.set_taking(Taking::No);
         assert!(!balance.ahead(1000, now));
+        // Passing: still a candidate.
+        cell.set_taking(Taking::Passing);
+        assert!(balance.ahead(92, now));
         // Stopped or hung (heartbeat older than two ticks): not waited for.
-        cell.set_accepting(true);
+        cell.set_taking(Taking::Listening);
         let stale = 2 * tick_ms(&config) + 10;
         cell.beat(now - stale, 0);
         assert!(balance.ahead(2, now));
@@ -902,6 +946,37 @@ mod tests {
         assert!(!unbalanced.ahead(1000, now));
         assert!(unbalanced.doorbell().is_none());
         assert!(balance.doorbell().is_some());
+    }
+
+    #[test]
+    fn a_worker_that_passes_rings_only_when_nobody_else_listens() {
+        let mut board = Scoreboard::new().unwrap();
+        let (me, other) = (board.claim().unwrap(), board.claim().unwrap());
+        let config = Config::default();
+        let seat = Seat {
+            board: &board,
+            slot: me,
+            master: None,
+        };
+        let balance = Balance::new(&config, seat);
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+        epoll
+            .add(balance.doorbell().unwrap(), EpollEvent::new(flags, 1))
+            .unwrap();
+        let mut events = [EpollEvent::empty(); 2];
+        let mut rang = || epoll.wait(&mut events, 0u16).unwrap() == 1;
+        let now = 100_000;
+        board.cell(other).beat(now, 0);
+        board.cell(other).set_taking(Taking::Listening);
+        balance.ring_if_alone(now);
+        assert!(!rang(), "the listening worker hears of new connections");
+        board.cell(other).set_taking(Taking::Passing);
+        balance.ring_if_alone(now);
+        assert!(rang(), "everybody passes: bring back who can take");
+        board.cell(other).set_taking(Taking::No);
+        balance.ring_if_alone(now);
+        assert!(rang(), "nobody else takes connections");
     }
 
     #[test]
