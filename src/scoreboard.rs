@@ -13,10 +13,10 @@
 //! it when no other worker is listening, so that those no longer ahead come
 //! back (see [`crate::worker`], "Balancing accepts").
 //!
-//! Owns: one anonymous shared mapping and the doorbell. It must be `MAP_SHARED` and made
-//! before `fork()`: a private mapping (or a `memmap2` anonymous map) would
-//! become a copy-on-write copy in each child, and the master would never see
-//! a worker's writes.
+//! Owns: one anonymous shared mapping and the doorbell. The mapping must be
+//! `MAP_SHARED` and made before `fork()`: a private mapping (or a `memmap2`
+//! anonymous map) would become a copy-on-write copy in each child, and the
+//! master would never see a worker's writes.
 
 use std::net::IpAddr;
 use std::num::NonZeroUsize;

@@ -520,14 +520,13 @@ impl Worker<'_> {
     /// Once a tick (and when the doorbell rings, or a pass ends), takes
     /// with plain `accept4` what waits in the listen queues. An accept
     /// request in io_uring is an exclusive waiter on the shared listening
-    /// socket: a worker that is stopped (`SIGSTOP`) or
-    /// being torn down can take the wake-up for a connection and never
-    /// accept it, and the connection then waits for the next wake-up
-    /// (measured: the supervision test that kills a stopped worker saw its
-    /// next client wait 10 s). epoll does not have that problem: its
-    /// exclusive wake-ups only go to a worker blocked in `epoll_wait`. This
-    /// bounds the wait to one tick; it costs one `accept4` per listener per
-    /// tick.
+    /// socket: a worker that is stopped (`SIGSTOP`) or being torn down can
+    /// take the wake-up for a connection and never accept it, and the
+    /// connection then waits for the next wake-up (measured: the
+    /// supervision test that kills a stopped worker saw its next client
+    /// wait 10 s). epoll does not have that problem: its exclusive
+    /// wake-ups only go to a worker blocked in `epoll_wait`. This bounds
+    /// the wait to one tick; it costs one `accept4` per listener per tick.
     fn rescue_accepts(&mut self) {
         for i in 0..self.listeners.len() {
             for _ in 0..64 {
@@ -673,11 +672,11 @@ impl Worker<'_> {
                 && self.balance.ahead(self.open, self.now)
             {
                 // Leave the next ones to the others (see the epoll
-                // worker's accept_from).
-                // Always ring, unlike the epoll worker: an accept request
-                // cancelled by the pass may have taken the wake-up of a
-                // connection that is still queued, and the others would
-                // hear of it only at their next accept or tick.
+                // worker's accept_from), and always ring, unlike the epoll
+                // worker: an accept request cancelled by the pass may have
+                // taken the wake-up of a connection that is still queued,
+                // and the others would hear of it only at their next
+                // accept or tick.
                 self.pause_accepting(Accepting::Passing(self.now + PASS_MS));
                 self.balance.ring();
                 return;

@@ -831,8 +831,9 @@ impl<'a> Worker<'a> {
             Accepting::Passing(_) if !self.balance.ahead(self.open, self.now) => {
                 self.resume_or_log();
             }
-            // The queue may hold connections whose wake-up went to the
-            // worker that passed.
+            // A ring from an io_uring worker (whose cancelled accept may
+            // have taken a wake-up), or one that crossed this worker's
+            // coming back: look at the queues.
             Accepting::On => {
                 for i in 0..self.listeners.len() {
                     self.accept_from(i, true);
