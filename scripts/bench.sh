@@ -168,6 +168,20 @@ start_server() {
     done
 }
 
+# launch PREFIX NAME COMMAND...: start_server, then PREFIX_pid and
+# PREFIX_port name the server; if it did not start, PREFIX_port stays empty
+# (every load against it is skipped) and the failure is counted.
+launch() {
+    local prefix=$1
+    shift
+    if start_server "$@"; then
+        printf -v "${prefix}_pid" %s "$server_pid"
+        printf -v "${prefix}_port" %s "$server_port"
+    else
+        failures=$((failures + 1))
+    fi
+}
+
 echod_config() { # MODE [IO] [BUSY_POLL] [BALANCE] -> path of a config file
     local file=$tmp/echod-$1-${2:-epoll}-${3:-0s}-${4:-true}.toml
     cat >"$file" <<EOF
@@ -289,40 +303,16 @@ echo "bench: $ROUNDS rounds, ${DURATION} s per load after ${WARMUP} s warm-up, $
 for ((round = 1; round <= ROUNDS; round++)); do
     echo "bench: round $round of $ROUNDS" >&2
     pre_port='' ref_port='' fork_port='' uring_port='' busy_port='' unbal_port=''
-    if start_server echod-prefork "$echod" --config "$(echod_config prefork)"; then
-        pre_pid=$server_pid pre_port=$server_port
-    else
-        failures=$((failures + 1))
-    fi
-    if start_server tokio "$reference" 127.0.0.1:0; then
-        ref_pid=$server_pid ref_port=$server_port
-    else
-        failures=$((failures + 1))
-    fi
-    if start_server echod-fork "$echod" --config "$(echod_config fork)"; then
-        fork_pid=$server_pid fork_port=$server_port
-    else
-        failures=$((failures + 1))
-    fi
+    launch pre echod-prefork "$echod" --config "$(echod_config prefork)"
+    launch ref tokio "$reference" 127.0.0.1:0
+    launch fork echod-fork "$echod" --config "$(echod_config fork)"
     # The io_uring worker, measured beside the epoll one.
-    if start_server echod-uring "$echod" --config "$(echod_config prefork io_uring)"; then
-        uring_pid=$server_pid uring_port=$server_port
-    else
-        failures=$((failures + 1))
-    fi
+    launch uring echod-uring "$echod" --config "$(echod_config prefork io_uring)"
     # Busy polling, measured where it is meant to help (one connection) and
     # where it costs (many connections on CPUs shared with the client).
-    if start_server echod-busy "$echod" --config "$(echod_config prefork epoll 50us)"; then
-        busy_pid=$server_pid busy_port=$server_port
-    else
-        failures=$((failures + 1))
-    fi
+    launch busy echod-busy "$echod" --config "$(echod_config prefork epoll 50us)"
     # Without accept balancing: the kernel alone places the connections.
-    if start_server echod-unbal "$echod" --config "$(echod_config prefork epoll 0s false)"; then
-        unbal_pid=$server_pid unbal_port=$server_port
-    else
-        failures=$((failures + 1))
-    fi
+    launch unbal echod-unbal "$echod" --config "$(echod_config prefork epoll 0s false)"
 
     # Alternate which server goes first, so neither always runs on a machine
     # warmed (or tired) by the other.
