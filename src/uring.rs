@@ -278,8 +278,6 @@ struct Worker<'a> {
     config: &'a Config,
     gate: Gate<'a>,
     balance: Balance<'a>,
-    /// A pass ran out: take what is queued, whoever is ahead.
-    grace: bool,
     /// The listeners; each is closed, when draining, once its accept is no
     /// longer in flight (so no queued accept request can meet a closed or
     /// reused descriptor number).
@@ -317,7 +315,6 @@ pub fn run(
         config,
         gate: Gate::new(config, seat),
         balance: Balance::new(config, seat),
-        grace: false,
         listeners: listeners.into_iter().map(Some).collect(),
         accept_armed: vec![false; n],
         accepting: Accepting::Full,
@@ -457,14 +454,12 @@ impl Worker<'_> {
                     // Nobody took the queue over: take what is queued,
                     // whoever is ahead (as the epoll worker does).
                     self.resume_or_log();
-                    self.grace = true;
-                    self.rescue_accepts();
-                    self.grace = false;
+                    self.rescue_accepts(false);
                 }
                 _ => {}
             }
             if self.now >= next_scan {
-                self.rescue_accepts();
+                self.rescue_accepts(true);
                 self.close_idle();
                 next_scan = self.now + tick;
             }
@@ -490,7 +485,7 @@ impl Worker<'_> {
         }
         if res >= 0 {
             // SAFETY: the kernel just made this descriptor for us.
-            self.accepted(unsafe { TcpStream::from_raw_fd(res) });
+            self.accepted(unsafe { TcpStream::from_raw_fd(res) }, true);
         } else {
             let e = io::Error::from_raw_os_error(-res);
             match -res {
@@ -527,7 +522,9 @@ impl Worker<'_> {
     /// wait 10 s). epoll does not have that problem: its exclusive
     /// wake-ups only go to a worker blocked in `epoll_wait`. This bounds
     /// the wait to one tick; it costs one `accept4` per listener per tick.
-    fn rescue_accepts(&mut self) {
+    /// `balanced`: stop once this worker is ahead (not at the end of a
+    /// pass, which takes what is queued whoever is ahead).
+    fn rescue_accepts(&mut self, balanced: bool) {
         for i in 0..self.listeners.len() {
             for _ in 0..64 {
                 if self.accepting != Accepting::On {
@@ -537,7 +534,7 @@ impl Worker<'_> {
                     break;
                 };
                 match l.accept() {
-                    Ok((stream, _)) => self.accepted(stream),
+                    Ok((stream, _)) => self.accepted(stream, balanced),
                     Err(_) => break,
                 }
             }
@@ -590,7 +587,7 @@ impl Worker<'_> {
             }
             // The queue may hold connections whose wake-up went to the
             // worker that passed, not to this worker's armed accept.
-            Accepting::On => self.rescue_accepts(),
+            Accepting::On => self.rescue_accepts(true),
             _ => {}
         }
     }
@@ -664,10 +661,11 @@ impl Worker<'_> {
     /// Takes a connection the kernel accepted (by a request or by the
     /// rescue): served if there is room; at `max_connections` refused or
     /// parked as `overload` says, and accepting paused for `"wait"`.
-    fn accepted(&mut self, stream: TcpStream) {
+    /// `balanced`: pass if this worker is now ahead.
+    fn accepted(&mut self, stream: TcpStream, balanced: bool) {
         if self.open < self.config.max_connections {
             self.admit(stream);
-            if !self.grace
+            if balanced
                 && self.accepting == Accepting::On
                 && self.balance.ahead(self.open, self.now)
             {

@@ -614,9 +614,7 @@ impl<'a> Worker<'a> {
                     // before its heartbeat went stale, or that is busy):
                     // take what is queued, whoever is ahead.
                     self.resume_or_log();
-                    for i in 0..self.listeners.len() {
-                        self.accept_from(i, false);
-                    }
+                    self.accept_all(false);
                 }
                 _ => {}
             }
@@ -673,6 +671,13 @@ impl<'a> Worker<'a> {
                     continue;
                 }
             }
+        }
+    }
+
+    /// [`Worker::accept_from`] every listener.
+    fn accept_all(&mut self, balanced: bool) {
+        for i in 0..self.listeners.len() {
+            self.accept_from(i, balanced);
         }
     }
 
@@ -834,11 +839,7 @@ impl<'a> Worker<'a> {
             // A ring from an io_uring worker (whose cancelled accept may
             // have taken a wake-up), or one that crossed this worker's
             // coming back: look at the queues.
-            Accepting::On => {
-                for i in 0..self.listeners.len() {
-                    self.accept_from(i, true);
-                }
-            }
+            Accepting::On => self.accept_all(true),
             _ => {}
         }
     }
