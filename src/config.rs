@@ -145,8 +145,9 @@ pub struct Config {
     /// The connection cap, 1..=1_000_000: per worker in prefork mode, live
     /// children in fork mode.
     pub max_connections: usize,
-    /// The most connections one client IP may hold at once (per worker in
-    /// prefork mode), 0..=1_000_000; 0 means no cap.
+    /// The most connections one client IP may hold at once, counted across
+    /// all workers (all connection children in fork mode), 0..=1_000_000; 0
+    /// means no cap.
     pub max_connections_per_ip: usize,
     /// What a full prefork worker does with new connections.
     pub overload: Overload,
@@ -162,7 +163,9 @@ pub struct Config {
     #[serde(serialize_with = "serialize_duration")]
     pub shutdown_timeout: Duration,
     /// How long a worker may miss its heartbeat before the master kills and
-    /// respawns it; zero disables the check. At most one year.
+    /// respawns it; zero disables the check. Otherwise at least
+    /// [`MIN_WORKER_TIMEOUT`] (a worker beats every 10 ms at the fastest, and
+    /// a loaded machine delays a beat by more) and at most one year.
     #[serde(serialize_with = "serialize_duration")]
     pub worker_timeout: Duration,
     /// Connections a worker serves before it retires and is replaced (a guard
@@ -176,7 +179,8 @@ pub struct Config {
     /// The group the workers run as; non-empty when set. `None` uses the
     /// user's primary group when `user` is set, else keeps the current group.
     pub group: Option<String>,
-    /// Whether to detach (double fork) when not run by systemd.
+    /// Whether to detach (double fork) when not run by systemd. Not with
+    /// `log.target = "stderr"`, which is `/dev/null` once detached.
     pub daemon: bool,
     /// The `[log]` table.
     pub log: LogConfig,
@@ -251,6 +255,31 @@ pub enum ConfigError {
         /// What is wrong and what is expected, in the file's terms.
         message: String,
     },
+    /// A check against the system (see [`Config::load_with`]) found a
+    /// problem with a key the file does not set: a default, or an option
+    /// given on the command line.
+    #[error("{origin}: {key}: {message}")]
+    Checked {
+        /// Where the configuration came from (a path, or "built-in
+        /// defaults").
+        origin: String,
+        /// The dotted path of the key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A problem that a check of a parsed configuration against the system
+/// found with one key: a user that does not exist, a log file that cannot
+/// be opened. [`Config::load_with`] reports it at the key's place in the
+/// file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyProblem {
+    /// The dotted path of the key (`user`, `log.file`).
+    pub key: &'static str,
+    /// What is wrong, in the file's terms.
+    pub message: String,
 }
 
 /// Formats the `key: ` part of an `Invalid` message, or nothing.
@@ -427,7 +456,18 @@ impl Config {
     /// With `Some(path)`, the file must exist: the operator named it, and
     /// falling back to defaults would hide a typo in the path.
     pub fn load(path: Option<&Path>) -> Result<(Config, Source), ConfigError> {
-        load_from(Path::new(DEFAULT_PATH), path)
+        load_from(Path::new(DEFAULT_PATH), path).map(|(config, source, _)| (config, source))
+    }
+
+    /// [`Config::load`], then `check` the configuration against the system
+    /// (does the user exist, can the log file be opened), for a start, a
+    /// reload and `--check-config` alike. A problem the check finds is
+    /// reported as parse errors are: the file, line, column and key.
+    pub fn load_with<T>(
+        path: Option<&Path>,
+        check: impl FnOnce(&Config) -> Result<T, KeyProblem>,
+    ) -> Result<(Config, Source, T), ConfigError> {
+        load_checked_from(Path::new(DEFAULT_PATH), path, check)
     }
 
     /// Parses `text` as the contents of the file at `path` (which only names
@@ -466,7 +506,9 @@ impl Config {
     /// Lists what differs from `self` to `new`, one `key old -> new` string
     /// per changed key in file order, values written as in the file
     /// (`workers 2 -> 4`, `mode "prefork" -> "fork"`, `user (unset) ->
-    /// "echod"`). Empty when nothing changed. Used for the reload log line.
+    /// "echod"`; `daemon false -> true (at the next start)`, the one key a
+    /// reload does not apply). Empty when nothing changed. Used for the
+    /// reload log line.
     pub fn changes(&self, new: &Config) -> Vec<String> {
         self.entries()
             .into_iter()
@@ -474,8 +516,15 @@ impl Config {
             .filter(|((_, old), (_, new))| old != new)
             .map(|((key, old), (_, new))| {
                 let unset = || "(unset)".to_owned();
+                // A running master has detached or not: a reload cannot
+                // change that.
+                let when = if key == "daemon" {
+                    " (at the next start)"
+                } else {
+                    ""
+                };
                 format!(
-                    "{key} {} -> {}",
+                    "{key} {} -> {}{when}",
                     old.unwrap_or_else(unset),
                     new.unwrap_or_else(unset)
                 )
@@ -534,10 +583,11 @@ impl Config {
 
 /// [`Config::load`] with the default path as a parameter, so that tests can
 /// exercise the "default file absent" case without touching `/etc`.
+/// Returns the text read too, for [`Config::load_with`].
 fn load_from(
     default_path: &Path,
     explicit: Option<&Path>,
-) -> Result<(Config, Source), ConfigError> {
+) -> Result<(Config, Source, Option<String>), ConfigError> {
     let path = match explicit {
         Some(path) => path,
         None => default_path,
@@ -547,12 +597,49 @@ fn load_from(
         Err(ConfigError::Read { source, .. })
             if explicit.is_none() && source.kind() == io::ErrorKind::NotFound =>
         {
-            return Ok((Config::default(), Source::BuiltIn));
+            return Ok((Config::default(), Source::BuiltIn, None));
         }
         Err(e) => return Err(e),
     };
     let config = Config::parse(&text, path)?;
-    Ok((config, Source::File(path.to_path_buf())))
+    Ok((config, Source::File(path.to_path_buf()), Some(text)))
+}
+
+/// [`Config::load_with`] with the default path as a parameter, for tests.
+fn load_checked_from<T>(
+    default_path: &Path,
+    explicit: Option<&Path>,
+    check: impl FnOnce(&Config) -> Result<T, KeyProblem>,
+) -> Result<(Config, Source, T), ConfigError> {
+    let (config, source, text) = load_from(default_path, explicit)?;
+    match check(&config) {
+        Ok(checked) => Ok((config, source, checked)),
+        Err(problem) => Err(locate_problem(problem, &source, text.as_deref())),
+    }
+}
+
+/// Turns a problem a check found into an error at the key's place in the
+/// file, or, when the file does not set the key, an error that names the
+/// key and where the configuration came from.
+fn locate_problem(problem: KeyProblem, source: &Source, text: Option<&str>) -> ConfigError {
+    if let (Source::File(path), Some(text)) = (source, text) {
+        let span = DeTable::parse(text)
+            .ok()
+            .and_then(|document| value_span(document.get_ref(), problem.key));
+        if let Some(span) = span {
+            let fault = Fault {
+                span,
+                key: Some(problem.key.to_owned()),
+                message: problem.message,
+            };
+            return fault.locate(text, path);
+        }
+    }
+    ConfigError::Checked {
+        origin: source.to_string(),
+        key: problem.key.to_owned(),
+        message: problem.message,
+    }
 }
 
 /// Reads the whole file as UTF-8, refusing more than [`MAX_FILE_SIZE`] bytes.
@@ -688,6 +775,8 @@ const MAX_REQUESTS: (i128, i128) = (0, u64::MAX as i128);
 /// The longest `busy_poll`: polling is for gaps of microseconds between
 /// messages; a longer window only burns CPU.
 const MAX_BUSY_POLL: Duration = Duration::from_secs(1);
+/// The shortest `worker_timeout` other than 0 (off).
+pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A key and its value as they appear in the document.
 type Entry<'a, 'i> = (&'a Spanned<Cow<'i>>, &'a Spanned<DeValue<'i>>);
@@ -747,7 +836,7 @@ fn parse_document(text: &str) -> Result<Config, Fault> {
             "buffer_size" => config.buffer_size = integer(value, "buffer_size", BUFFER_SIZE)?,
             "idle_timeout" => config.idle_timeout = duration(value, "idle_timeout")?,
             "shutdown_timeout" => config.shutdown_timeout = duration(value, "shutdown_timeout")?,
-            "worker_timeout" => config.worker_timeout = duration(value, "worker_timeout")?,
+            "worker_timeout" => config.worker_timeout = worker_timeout(value)?,
             "max_requests_per_worker" => {
                 config.max_requests_per_worker =
                     integer(value, "max_requests_per_worker", MAX_REQUESTS)?;
@@ -760,7 +849,58 @@ fn parse_document(text: &str) -> Result<Config, Fault> {
             _ => return Err(unknown_key(key, "", TOP_KEYS)),
         }
     }
+    if config.daemon && config.log.target == LogTarget::Stderr {
+        // Only an explicit `target = "stderr"` gets here (the default is
+        // "auto"), so the key is in the file.
+        let span = value_span(document.get_ref(), "log.target").unwrap_or(0..0);
+        return Err(Fault {
+            span,
+            key: Some("log.target".to_owned()),
+            message: STDERR_WHEN_DETACHED.to_owned(),
+        });
+    }
     Ok(config)
+}
+
+/// Why `log.target = "stderr"` and detaching do not go together.
+pub const STDERR_WHEN_DETACHED: &str =
+    "\"stderr\" is /dev/null once echod detaches (daemon = true, \
+     or --daemon): every record would be lost; use \"auto\" (syslog once detached), \
+     \"syslog\" or \"file\"";
+
+/// The span of the value of the dotted key `key` (`user`, `log.file`) in a
+/// parsed document, if the document has it.
+fn value_span(table: &DeTable<'_>, key: &str) -> Option<Range<usize>> {
+    let (head, rest) = match key.split_once('.') {
+        Some((head, rest)) => (head, Some(rest)),
+        None => (key, None),
+    };
+    let value = table.get(head)?;
+    match (rest, value.get_ref()) {
+        (None, _) => Some(value.span()),
+        (Some(rest), DeValue::Table(inner)) => value_span(inner, rest),
+        (Some(_), _) => None,
+    }
+}
+
+/// `worker_timeout`: a duration that is 0 (off) or at least
+/// [`MIN_WORKER_TIMEOUT`].
+fn worker_timeout(value: &Spanned<DeValue<'_>>) -> Result<Duration, Fault> {
+    let timeout = duration(value, "worker_timeout")?;
+    if !timeout.is_zero() && timeout < MIN_WORKER_TIMEOUT {
+        return Err(Fault::at(
+            value,
+            "worker_timeout",
+            format!(
+                "{} is shorter than {}: a busy but healthy worker could miss it and be \
+                 killed again and again; use at least \"{}\", or 0 to turn the check off",
+                format_duration(timeout),
+                format_duration(MIN_WORKER_TIMEOUT),
+                format_duration(MIN_WORKER_TIMEOUT),
+            ),
+        ));
+    }
+    Ok(timeout)
 }
 
 /// Parses the `[log]` table, including the rule that ties `file` to
@@ -1891,7 +2031,7 @@ mod tests {
     #[test]
     fn a_missing_default_file_means_built_in_defaults() {
         let dir = temp_dir("builtin");
-        let (c, source) = load_from(&dir.join("absent.toml"), None).unwrap();
+        let (c, source, _) = load_from(&dir.join("absent.toml"), None).unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(source, Source::BuiltIn);
         assert_eq!(source.to_string(), "built-in defaults");
@@ -1899,11 +2039,98 @@ mod tests {
     }
 
     #[test]
+    fn a_problem_a_check_finds_is_reported_at_its_key() {
+        let dir = temp_dir("checked");
+        let path = dir.join("echod.toml");
+        std::fs::write(
+            &path,
+            "workers = 2\n\n[log]\nlevel = \"info\"\n  file = \"/x/y\"\ntarget = \"file\"\n",
+        )
+        .unwrap();
+        let problem = |key| {
+            move |_: &Config| -> Result<(), KeyProblem> {
+                Err(KeyProblem {
+                    key,
+                    message: "cannot be opened".to_owned(),
+                })
+            }
+        };
+        let e = load_checked_from(&dir.join("absent.toml"), Some(&path), problem("log.file"))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{}:5:10: log.file: cannot be opened", path.display())
+        );
+        // A key the file does not set: named, with where the config came from.
+        let e =
+            load_checked_from(&dir.join("absent.toml"), Some(&path), problem("user")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{}: user: cannot be opened", path.display())
+        );
+        let e =
+            load_checked_from(&dir.join("absent.toml"), None, problem("log.target")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "built-in defaults: log.target: cannot be opened"
+        );
+        let (c, _, checked) =
+            load_checked_from(&dir.join("absent.toml"), Some(&path), |c| Ok(c.workers)).unwrap();
+        assert_eq!((c.workers, checked), (2, 2));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn worker_timeout_is_off_or_at_least_a_second() {
+        assert_eq!(
+            parse("worker_timeout = 0").unwrap().worker_timeout,
+            Duration::ZERO
+        );
+        assert_eq!(
+            parse("worker_timeout = \"1s\"").unwrap().worker_timeout,
+            MIN_WORKER_TIMEOUT
+        );
+        for short in ["\"5ms\"", "0.5", "\"999ms\""] {
+            let e = parse(&format!("worker_timeout = {short}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("/tmp/x.toml:1:18: worker_timeout: ")
+                    && e.contains("use at least \"1s\", or 0"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_detached_echod_does_not_log_to_stderr() {
+        let e = parse("daemon = true\n[log]\ntarget = \"stderr\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "/tmp/x.toml:3:10: log.target: \"stderr\" is /dev/null once echod detaches"
+            ),
+            "{e}"
+        );
+        // The order in the file does not matter, nor does a dotted key.
+        let e = parse("log.target = \"stderr\"\ndaemon = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/tmp/x.toml:1:14: log.target: "), "{e}");
+        for target in ["auto", "syslog"] {
+            let c = parse(&format!("daemon = true\nlog.target = \"{target}\"\n")).unwrap();
+            assert!(c.daemon);
+        }
+        assert!(!parse("log.target = \"stderr\"").unwrap().daemon);
+    }
+
+    #[test]
     fn the_default_file_is_read_when_present() {
         let dir = temp_dir("default");
         let path = dir.join("echod.toml");
         std::fs::write(&path, "workers = 3\n").unwrap();
-        let (c, source) = load_from(&path, None).unwrap();
+        let (c, source, _) = load_from(&path, None).unwrap();
         assert_eq!(c.workers, 3);
         assert_eq!(source, Source::File(path.clone()));
         assert_eq!(source.to_string(), path.display().to_string());
@@ -1976,6 +2203,7 @@ mod tests {
         new.balance = false;
         new.user = Some("echod".to_owned());
         new.idle_timeout = Duration::from_secs(30);
+        new.daemon = true;
         new.log.level = log::LevelFilter::Debug;
         assert_eq!(
             old.changes(&new),
@@ -1988,10 +2216,11 @@ mod tests {
                 "balance true -> false".to_owned(),
                 "idle_timeout \"5m\" -> \"30s\"".to_owned(),
                 "user (unset) -> \"echod\"".to_owned(),
+                "daemon false -> true (at the next start)".to_owned(),
                 "log.level \"info\" -> \"debug\"".to_owned(),
             ]
         );
-        assert_eq!(new.changes(&old).len(), 9);
+        assert_eq!(new.changes(&old).len(), 10);
     }
 
     #[test]
@@ -2007,12 +2236,34 @@ mod tests {
                 "[::]:7".parse().unwrap()
             ]
         );
-        // Apart from the listen addresses, the sample documents the defaults.
         let defaults = Config {
             listen: c.listen.clone(),
             ..Config::default()
         };
         assert_eq!(c, defaults, "{:?}", c.changes(&defaults));
+        // Every `#key = value` line shows the default: uncommented, they
+        // change nothing. The keys without a default show examples.
+        let examples = ["workers", "pid_file", "user", "group", "file"];
+        let mut shown = 0;
+        let uncommented: String = text
+            .lines()
+            .map(|line| match line.strip_prefix('#') {
+                Some(rest) if rest.starts_with(|ch: char| ch.is_ascii_lowercase()) => {
+                    let key = rest.split(" = ").next().unwrap_or("");
+                    if examples.contains(&key) {
+                        line.to_owned()
+                    } else {
+                        shown += 1;
+                        rest.to_owned()
+                    }
+                }
+                _ => line.to_owned(),
+            })
+            .map(|line| line + "\n")
+            .collect();
+        assert_eq!(shown, TOP_KEYS.len() + LOG_KEYS.len() - examples.len() - 2);
+        let all = Config::parse(&uncommented, Path::new("etc/echod.toml")).unwrap();
+        assert_eq!(all, defaults, "{:?}", all.changes(&defaults));
     }
 
     #[test]
@@ -2217,12 +2468,17 @@ mod tests {
                     buffer_size,
                     idle_timeout,
                     shutdown_timeout,
-                    worker_timeout,
+                    // 0 (off) or at least MIN_WORKER_TIMEOUT.
+                    worker_timeout: match worker_timeout {
+                        Duration::ZERO => Duration::ZERO,
+                        d => d.max(MIN_WORKER_TIMEOUT),
+                    },
                     max_requests_per_worker,
                     pid_file,
                     user,
                     group,
-                    daemon,
+                    // Not detached with its log on stderr.
+                    daemon: daemon && log.target != LogTarget::Stderr,
                     log,
                 },
             )
@@ -2245,6 +2501,7 @@ mod tests {
                         assert!(line <= text.lines().count().max(1) + 1, "{shown}");
                     }
                     ConfigError::Read { .. } => panic!("parse never reads: {shown}"),
+                    ConfigError::Checked { .. } => panic!("parse never checks: {shown}"),
                 }
             }
         }

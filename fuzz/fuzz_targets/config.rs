@@ -52,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
                     );
                 }
                 ConfigError::Read { .. } => panic!("parse read a file: {shown:?}"),
+                ConfigError::Checked { .. } => panic!("parse checked the system: {shown:?}"),
             }
         }
     }

@@ -16,7 +16,9 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use echod::config::{Config, IoBackend, LogConfig, LogTarget, Mode, Overload, FACILITIES};
+use echod::config::{
+    Config, IoBackend, LogConfig, LogTarget, Mode, Overload, FACILITIES, MIN_WORKER_TIMEOUT,
+};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
@@ -87,12 +89,17 @@ fn config(u: &mut Unstructured) -> Result<Config> {
         buffer_size: u.int_in_range(512..=16 << 20)?,
         idle_timeout: duration(u)?,
         shutdown_timeout: duration(u)?,
-        worker_timeout: duration(u)?,
+        // 0 (off) or at least MIN_WORKER_TIMEOUT.
+        worker_timeout: match duration(u)? {
+            Duration::ZERO => Duration::ZERO,
+            d => d.max(MIN_WORKER_TIMEOUT),
+        },
         max_requests_per_worker: u.arbitrary()?,
         pid_file: if u.arbitrary()? { Some(path(u)?) } else { None },
         user: if u.arbitrary()? { Some(name(u)?) } else { None },
         group: if u.arbitrary()? { Some(name(u)?) } else { None },
-        daemon: u.arbitrary()?,
+        // Not detached with its log on stderr.
+        daemon: target != LogTarget::Stderr && u.arbitrary()?,
         log: LogConfig {
             level: *u.choose(&log::LevelFilter::iter().collect::<Vec<_>>())?,
             target,
