@@ -17,7 +17,8 @@ use std::sync::Mutex;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
-use crate::config::{LogConfig, LogTarget};
+use crate::config::{KeyProblem, LogConfig, LogTarget};
+use crate::process::Credentials;
 
 /// Where records go.
 enum Sink {
@@ -116,6 +117,31 @@ fn open_file(path: &PathBuf) -> Result<File, LogError> {
         })
 }
 
+/// Checks that the configured sink can be opened, for a config check before
+/// anything else is done: the file can be opened for appending (and is
+/// created if absent, as the start would create it), or the syslog socket
+/// answers. `auto` and `stderr` always can.
+pub fn check(cfg: &LogConfig) -> Result<(), KeyProblem> {
+    match cfg.target {
+        LogTarget::File => match open_sink(cfg, false) {
+            Ok(_) => Ok(()),
+            Err(LogError::File { source, .. }) => Err(KeyProblem {
+                key: "log.file",
+                message: format!("cannot be opened for appending: {source}"),
+            }),
+            Err(e) => Err(KeyProblem {
+                key: "log.file",
+                message: e.to_string(),
+            }),
+        },
+        LogTarget::Syslog => open_sink(cfg, false).map(drop).map_err(|e| KeyProblem {
+            key: "log.target",
+            message: format!("{e} (is a syslog daemon listening on /dev/log?)"),
+        }),
+        LogTarget::Auto | LogTarget::Stderr => Ok(()),
+    }
+}
+
 /// Installs the logger (first call) or replaces its sink and level (a
 /// reload). On error the previous sink stays in place.
 pub fn apply(cfg: &LogConfig, daemonized: bool) -> Result<(), LogError> {
@@ -154,14 +180,27 @@ pub fn set_role(role: impl Into<String>) {
 }
 
 /// Reopens the log file (after logrotate moved it). A no-op for other sinks.
-pub fn reopen() -> Result<(), LogError> {
+///
+/// `owner`: the credentials the workers run as, given by a root master.
+/// The master reopens first and then tells the workers to; a worker that
+/// is no longer root could not open a file the master just created, so
+/// the master hands it to the workers' user and group first (as nginx
+/// does), keeping its own descriptor, which still writes.
+pub fn reopen(owner: Option<&Credentials>) -> Result<(), LogError> {
     let mut guard = lock();
     if let Some(State {
         sink: Sink::File { path, file },
         ..
     }) = guard.as_mut()
     {
-        *file = open_file(path)?;
+        let new = open_file(path)?;
+        if let Some(owner) = owner {
+            nix::unistd::fchown(&new, owner.uid, Some(owner.gid)).map_err(|e| LogError::File {
+                path: path.clone(),
+                source: e.into(),
+            })?;
+        }
+        *file = new;
     }
     Ok(())
 }

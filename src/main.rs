@@ -13,7 +13,7 @@ use echod::config::{Config, Source};
 use echod::daemon::{self, Readiness};
 use echod::master::{Master, Setup};
 use echod::pidfile::PidFile;
-use echod::process::Credentials;
+use echod::process;
 use echod::{listener, logging, worker};
 
 /// sysexits(3): the command line was wrong.
@@ -39,7 +39,12 @@ fn main() -> ExitCode {
         println!("echod {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    let (config, source) = match Config::load(cli.config.as_deref()) {
+    // Parsed, then checked against the system (the log sink opens, the
+    // user exists): a mistake in either names the file, line and key.
+    let loaded = Config::load_with(cli.config.as_deref(), |c| {
+        process::check_system(c, cli.daemon || c.daemon)
+    });
+    let (config, source, credentials) = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("echod: {e}");
@@ -52,13 +57,6 @@ fn main() -> ExitCode {
             "built-in defaults ({} does not exist)",
             echod::config::DEFAULT_PATH
         ),
-    };
-    let credentials = match Credentials::resolve(config.user.as_deref(), config.group.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("echod: {origin}: {e}");
-            return ExitCode::from(EX_CONFIG);
-        }
     };
     if cli.check_config {
         print!("# effective config, from {origin}\n{}", config.to_toml());
@@ -135,7 +133,13 @@ fn main() -> ExitCode {
     }
     let setup = Setup {
         config,
-        config_path: cli.config.clone(),
+        // The file this start read, absolute: a reload re-reads that very
+        // file, even after `--daemon` changed the working directory to /,
+        // and fails if it has gone rather than fall back to the defaults.
+        config_path: match &source {
+            Source::File(path) => Some(std::path::absolute(path).unwrap_or_else(|_| path.clone())),
+            Source::BuiltIn => None,
+        },
         listeners,
         activated,
         readiness,

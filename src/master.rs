@@ -69,7 +69,9 @@ pub enum MasterError {
 pub struct Master {
     /// The config in force (the current generation's).
     config: Config,
-    /// The file named with `--config`, re-read at every reload.
+    /// The file the start read (absolute), re-read at every reload; `None`
+    /// when the start found no file and ran on the built-in defaults (a
+    /// reload then reads the default path, if it has appeared).
     config_path: Option<PathBuf>,
     /// The current generation's listeners, in `config.listen` order.
     listeners: Vec<Listener>,
@@ -116,7 +118,8 @@ pub struct Master {
 pub struct Setup {
     /// The validated config.
     pub config: Config,
-    /// The file named with `--config`, re-read at every reload.
+    /// The file the start read (absolute), re-read at every reload; `None`
+    /// for the built-in defaults.
     pub config_path: Option<PathBuf>,
     /// The bound (or adopted) listeners.
     pub listeners: Vec<Listener>,
@@ -338,8 +341,11 @@ impl Master {
     /// The body of a reload. Everything that can fail happens before the
     /// commit point, so an error leaves the running generation untouched.
     fn reload(&mut self) -> Result<(), String> {
-        let (mut new, _) = Config::load(self.config_path.as_deref()).map_err(|e| e.to_string())?;
-        let credentials = Credentials::resolve(new.user.as_deref(), new.group.as_deref())?;
+        let detached = self.daemonized;
+        let (mut new, _, credentials) = Config::load_with(self.config_path.as_deref(), |c| {
+            crate::process::check_system(c, detached)
+        })
+        .map_err(|e| e.to_string())?;
         if self.activated {
             if new.listen != self.config.listen {
                 log::warn!(
@@ -472,7 +478,7 @@ impl Master {
 
     /// `SIGUSR1`: reopen the log file.
     fn handle_reopen_logs(&mut self) {
-        match crate::logging::reopen() {
+        match crate::logging::reopen(self.credentials.as_ref()) {
             Ok(()) => log::info!("SIGUSR1: log reopened"),
             Err(e) => log::error!("SIGUSR1: {e}"),
         }

@@ -11,6 +11,8 @@ use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::config::{Config, KeyProblem, LogTarget, STDERR_WHEN_DETACHED};
+
 /// Exit codes a child uses to tell the master what to do next.
 pub mod exit_code {
     /// Normal end (drained, recycled, or told to stop).
@@ -130,6 +132,22 @@ pub fn die_with_parent(master: Pid) {
     }
 }
 
+/// Checks a parsed configuration against the system, as a start, a reload
+/// and `--check-config` all do (through [`Config::load_with`]): the log
+/// sink can be opened, and `user` and `group` exist and can be switched to.
+/// `detach`: echod will detach (`daemon = true` or `--daemon`). Returns the
+/// credentials to switch the children to.
+pub fn check_system(config: &Config, detach: bool) -> Result<Option<Credentials>, KeyProblem> {
+    if detach && config.log.target == LogTarget::Stderr {
+        return Err(KeyProblem {
+            key: "log.target",
+            message: STDERR_WHEN_DETACHED.to_owned(),
+        });
+    }
+    crate::logging::check(&config.log)?;
+    Credentials::resolve(config.user.as_deref(), config.group.as_deref())
+}
+
 /// The user and group children run as (config `user` / `group`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -144,20 +162,24 @@ pub struct Credentials {
 impl Credentials {
     /// Looks up `user` and `group` in the user database. With only a user,
     /// the group is the user's primary group. `Ok(None)`: nothing to drop.
-    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credentials>, String> {
+    pub fn resolve(
+        user: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Option<Credentials>, KeyProblem> {
+        let problem = |key, message| KeyProblem { key, message };
         let pw = match user {
             Some(name) => Some(
                 nix::unistd::User::from_name(name)
-                    .map_err(|e| format!("user {name:?}: {e}"))?
-                    .ok_or_else(|| format!("user {name:?} does not exist"))?,
+                    .map_err(|e| problem("user", format!("looking up {name:?}: {e}")))?
+                    .ok_or_else(|| problem("user", format!("{name:?} does not exist")))?,
             ),
             None => None,
         };
         let gid = match group {
             Some(name) => {
                 nix::unistd::Group::from_name(name)
-                    .map_err(|e| format!("group {name:?}: {e}"))?
-                    .ok_or_else(|| format!("group {name:?} does not exist"))?
+                    .map_err(|e| problem("group", format!("looking up {name:?}: {e}")))?
+                    .ok_or_else(|| problem("group", format!("{name:?} does not exist")))?
                     .gid
             }
             None => match &pw {
@@ -181,9 +203,12 @@ impl Credentials {
             return Ok(None);
         }
         if !euid.is_root() {
-            return Err(format!(
-                "user/group are set, but echod runs as uid {euid}, not root, and cannot switch to them; \
-                 leave them unset (under systemd, the unit chooses the user)"
+            return Err(problem(
+                if user.is_some() { "user" } else { "group" },
+                format!(
+                    "echod runs as uid {euid}, not root, and cannot switch users or groups: \
+                     leave them unset (under systemd, the unit chooses the user)"
+                ),
             ));
         }
         Ok(Some(creds))

@@ -318,8 +318,9 @@ pub(crate) fn on_signal(sig: i32, open: usize) -> Signaled {
     match sig {
         libc::SIGTERM => Signaled::Drain,
         libc::SIGUSR1 => {
-            if let Err(e) = crate::logging::reopen() {
-                log::error!("SIGUSR1: {e}");
+            match crate::logging::reopen(None) {
+                Ok(()) => log::info!("SIGUSR1: log reopened"),
+                Err(e) => log::error!("SIGUSR1: {e}"),
             }
             Signaled::Done
         }

@@ -120,6 +120,57 @@ fn wrong_type_is_named_with_key_and_expected_type() {
     );
 }
 
+/// `what_the_system_refuses_is_named_with_its_position`: mistakes that only
+/// the system can tell (a user or group that does not exist, a log file
+/// that cannot be opened, a log on stderr with `--daemon`) are reported
+/// like parse errors, at the key's line and column, with exit 78, by a
+/// start and by `-t` alike.
+#[test]
+fn what_the_system_refuses_is_named_with_its_position() {
+    let dir = TempDir::new("cfg-system");
+    let listen = "listen = [\"127.0.0.1:0\"]\n";
+    let cases: &[(String, &[&str], &str, &str)] = &[
+        (
+            format!("{listen}user = \"echod-no-such-user\"\n"),
+            &[],
+            "2:8: user:",
+            "\"echod-no-such-user\" does not exist",
+        ),
+        (
+            format!("{listen}group = \"echod-no-such-group\"\n"),
+            &[],
+            "2:9: group:",
+            "\"echod-no-such-group\" does not exist",
+        ),
+        (
+            format!("{listen}[log]\ntarget = \"file\"\nfile = \"/nonexistent/echod/x.log\"\n"),
+            &[],
+            "4:8: log.file:",
+            "cannot be opened for appending",
+        ),
+        (
+            format!("{listen}[log]\ntarget = \"stderr\"\n"),
+            &["--daemon"],
+            "3:10: log.target:",
+            "/dev/null once echod detaches",
+        ),
+    ];
+    for (text, flags, at, why) in cases {
+        for check in [true, false] {
+            let mut args = flags.to_vec();
+            if check {
+                args.push("-t");
+            }
+            let (run, path) = run_config(&dir, text, &args);
+            assert_fails(&run, EX_CONFIG, &[&format!("{path}:{at}"), why]);
+        }
+    }
+    assert!(
+        !std::path::Path::new("/nonexistent/echod").exists(),
+        "a check created the log's directory"
+    );
+}
+
 /// `bad_address_is_quoted_with_its_position`: an address that is not
 /// `IP:PORT` (a host name, no port, an impossible IP) is refused with the
 /// offending string quoted and the element's own line and column.

@@ -247,7 +247,7 @@ fn daemon_launcher_reports_a_failed_start() {
     let cfg = dir.path("echod.toml");
     std::fs::write(
         &cfg,
-        format!("listen = [\"127.0.0.1:{port}\"]\n[log]\ntarget = \"stderr\"\n"),
+        format!("listen = [\"127.0.0.1:{port}\"]\n"),
     )
     .unwrap();
     let out = Command::new(ECHOD)
@@ -333,5 +333,67 @@ fn user_switch_without_root_is_a_config_error() {
     assert!(
         msg.contains("not root") && msg.contains("leave them unset"),
         "{msg}"
+    );
+}
+
+/// `SIGUSR1` after logrotate moved the log file: the master and the
+/// workers, which run as `nobody`, all reopen it. The master creates the
+/// new file as root and hands it to the workers' user and group before it
+/// tells them, so a worker that is no longer root can open it too.
+#[test]
+fn sigusr1_reopens_the_log_in_unprivileged_workers() {
+    use std::os::unix::fs::MetadataExt;
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: sigusr1_reopens_the_log_in_unprivileged_workers needs root");
+        return;
+    }
+    let dir = TempDir::new("usr1");
+    let log = dir.path("echod.log");
+    let rotated = dir.path("echod.log.1");
+    let text = format!(
+        "listen = [\"127.0.0.1:0\"]\nworkers = 2\nuser = \"nobody\"\ngroup = \"nogroup\"\n\
+         [log]\ntarget = \"file\"\nfile = \"{}\"\n",
+        log.display()
+    );
+    let e = Start::config(&text).no_wait().spawn();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(10), || read(&log)
+            .contains("master: ready: generation")),
+        "echod did not start:\n{}{}",
+        read(&log),
+        e.log()
+    );
+    std::fs::rename(&log, &rotated).unwrap();
+    e.signal(libc::SIGUSR1);
+    let reopened = wait_until(Duration::from_secs(10), || {
+        read(&log).matches("SIGUSR1: log reopened").count() == 3
+    });
+    assert!(
+        reopened,
+        "the master and both workers did not reopen; new file:\n{}\nrotated file:\n{}",
+        read(&log),
+        read(&rotated)
+    );
+    assert!(
+        !read(&rotated).contains("SIGUSR1"),
+        "a record of the reopen went to the rotated file:\n{}",
+        read(&rotated)
+    );
+    let meta = std::fs::metadata(&log).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    let addr: std::net::SocketAddr = read(&rotated)
+        .lines()
+        .find_map(|l| l.split("listening on ").nth(1))
+        .expect("a listening line")
+        .trim()
+        .parse()
+        .unwrap();
+    echo_once(addr, b"after the rotation");
+    assert!(
+        !read(&log).contains("ERROR") && !read(&rotated).contains("ERROR"),
+        "{}{}",
+        read(&rotated),
+        read(&log)
     );
 }
