@@ -13,6 +13,8 @@ use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use socket2::{Domain, Protocol, Socket, Type};
+
 mod common;
 
 /// What the test server does to the bytes it echoes.
@@ -352,11 +354,20 @@ fn short_echo_fails_the_run() {
 /// Nothing listening: connect errors, exit status 1, and no hang.
 #[test]
 fn refused_connections_fail_the_run() {
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let addr = format!("127.0.0.1:{port}");
+    // A socket bound but never listening, kept for the whole test: a SYN to
+    // its port finds no listener and is answered with a reset (connects are
+    // refused), and without SO_REUSEADDR or SO_REUSEPORT on it no other
+    // socket can bind the port meanwhile (a port bound and dropped could be
+    // taken by another test's listener).
+    let unheard = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    let any_port: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    unheard.bind(&any_port.into()).expect("bind 127.0.0.1:0");
+    let addr = unheard
+        .local_addr()
+        .expect("local_addr")
+        .as_socket()
+        .expect("an inet address")
+        .to_string();
     let out = bench(
         &[
             "connrate", "-a", &addr, "-d", "0.3", "--warmup", "0", "--json",
@@ -367,6 +378,7 @@ fn refused_connections_fail_the_run() {
     assert_eq!(out.status.code(), Some(1), "{json}");
     assert!(num(&json, "connect_errors") > 0.0, "{json}");
     assert_eq!(num(&json, "messages"), 0.0, "{json}");
+    drop(unheard);
 }
 
 /// A server that accepts but never answers: the echo times out, bounded by
