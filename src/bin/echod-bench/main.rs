@@ -318,6 +318,10 @@ fn run(s: &Settings) -> anyhow::Result<Report> {
     let start = Instant::now();
     let measure_start = start + s.warmup;
     let measure_end = measure_start + s.duration;
+    // The drain after the measured interval (see `client`) needs one
+    // timeout past the end when a connection is stuck, two in connrate (a
+    // connect begun just before the end, then its echo); a server that
+    // trickles a byte per timeout is stopped here.
     let mut slack = 3 * s.timeout + Duration::from_secs(10);
     if s.mode == Mode::Hold {
         slack += Duration::from_millis(s.count as u64);
@@ -368,6 +372,11 @@ fn run(s: &Settings) -> anyhow::Result<Report> {
             Mode::Hold => meter_hold(s, &plan, &shared, &mut line, meter, before),
             _ => meter_timed(s, &plan, &shared, &mut line, meter),
         };
+        if s.mode != Mode::Hold {
+            // The threads drain what is in flight: up to a timeout, and
+            // the progress line says why the run has not ended yet.
+            wait_until(plan.deadline, &shared, s.threads, &mut line, "draining");
+        }
         let outcomes: Vec<Outcome> = handles
             .into_iter()
             .map(|h| {
