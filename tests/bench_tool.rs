@@ -7,11 +7,13 @@
 //! The in-process servers serve each connection with a thread whose reads
 //! time out, so nothing here waits forever.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
 
 mod common;
 
@@ -352,11 +354,20 @@ fn short_echo_fails_the_run() {
 /// Nothing listening: connect errors, exit status 1, and no hang.
 #[test]
 fn refused_connections_fail_the_run() {
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let addr = format!("127.0.0.1:{port}");
+    // A socket bound but never listening, kept for the whole test: a SYN to
+    // its port finds no listener and is answered with a reset (connects are
+    // refused), and without SO_REUSEADDR or SO_REUSEPORT on it no other
+    // socket can bind the port meanwhile (a port bound and dropped could be
+    // taken by another test's listener).
+    let unheard = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    let any_port: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    unheard.bind(&any_port.into()).expect("bind 127.0.0.1:0");
+    let addr = unheard
+        .local_addr()
+        .expect("local_addr")
+        .as_socket()
+        .expect("an inet address")
+        .to_string();
     let out = bench(
         &[
             "connrate", "-a", &addr, "-d", "0.3", "--warmup", "0", "--json",
@@ -367,6 +378,7 @@ fn refused_connections_fail_the_run() {
     assert_eq!(out.status.code(), Some(1), "{json}");
     assert!(num(&json, "connect_errors") > 0.0, "{json}");
     assert_eq!(num(&json, "messages"), 0.0, "{json}");
+    drop(unheard);
 }
 
 /// A server that accepts but never answers: the echo times out, bounded by
@@ -405,6 +417,98 @@ fn silent_server_times_out() {
     assert!(json.contains("bytes sent, 0 echoed, "), "{json}");
     assert!(json.contains("in its send queue"), "{json}");
     assert!(started.elapsed() < Duration::from_secs(10), "{json}");
+}
+
+/// Serves one connection of [`going_silent_server`]: echoes until
+/// `silent_from`, then holds the connection open, reading and echoing
+/// nothing, for longer than any run here.
+fn echo_until(mut sock: TcpStream, silent_from: Instant) {
+    let _ = sock.set_nodelay(true);
+    let mut buf = [0u8; 16384];
+    loop {
+        let left = silent_from.saturating_duration_since(Instant::now());
+        // A zero read timeout is refused by set_read_timeout: check first.
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match sock.read(&mut buf) {
+            Ok(0) => return,
+            // Bytes read once silent are kept, never echoed.
+            Ok(_) if Instant::now() >= silent_from => break,
+            Ok(n) => {
+                if sock.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+            Err(_) => return,
+        }
+    }
+    thread::sleep(Duration::from_secs(20));
+    drop(sock);
+}
+
+/// An echo server that goes silent `after` from now: every connection, old
+/// or new, stays open but is neither read nor echoed any more.
+fn going_silent_server(after: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local_addr");
+    let silent_from = Instant::now() + after;
+    thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            thread::spawn(move || echo_until(sock, silent_from));
+        }
+    });
+    addr
+}
+
+/// `a_server_gone_silent_near_the_end_fails_the_run`: a server that
+/// echoes, then holds its connections silently less than the timeout before
+/// the end of the measured interval. The run does not stop at the end of
+/// the interval with bytes unverified: it waits for what is in flight,
+/// counts a timeout per stuck connection (connrate: per connection in
+/// flight) and fails, within the timeout of the end.
+#[test]
+fn a_server_gone_silent_near_the_end_fails_the_run() {
+    for mode in ["pingpong", "stream", "connrate"] {
+        // Silent from 0.6 s; the interval ends at 1.2 s; a connection stuck
+        // since 0.6 s times out at 2.1 s at the earliest, after the end.
+        let addr = going_silent_server(Duration::from_millis(600)).to_string();
+        let started = Instant::now();
+        let out = bench(
+            &[
+                mode,
+                "-a",
+                &addr,
+                "-c",
+                "2",
+                "-t",
+                "1",
+                "-d",
+                "1",
+                "--warmup",
+                "0.2",
+                "--timeout",
+                "1.5",
+                "--json",
+            ],
+            Duration::from_secs(20),
+        );
+        let elapsed = started.elapsed();
+        let json = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{mode}: {json}");
+        assert_eq!(field(&json, "ok"), "false", "{mode}: {json}");
+        assert_eq!(num(&json, "timeouts"), 2.0, "{mode}: {json}");
+        assert_eq!(num(&json, "errors"), 2.0, "{mode}: {json}");
+        assert!(
+            field(&json, "first_error").starts_with("echo timed out"),
+            "{mode}: {json}"
+        );
+        assert_eq!(field(&json, "deadline_hit"), "false", "{mode}: {json}");
+        // The end (1.2 s) plus the timeout, and some slack for a loaded
+        // machine; the hard deadline is 15.7 s.
+        assert!(elapsed < Duration::from_secs(7), "{mode}: {elapsed:?}");
+    }
 }
 
 /// A client that is not run for a while (here stopped with `SIGSTOP`, as a

@@ -68,9 +68,17 @@ FLAGS:
 Every echoed byte is checked against the byte sent at that offset (each
 connection sends its own pseudo-random stream), so corruption, loss and
 cross-talk between connections are caught, not only wrong lengths.
-A live progress line goes to stderr when it is a terminal. The run ends at a
-hard deadline (warm-up + duration + 3 x timeout + 10 s, plus 1 s per 1000
-held connections) whatever the server does.
+A live progress line goes to stderr when it is a terminal.
+
+At the end of the measured interval no new message, stream write or
+connection starts, and the run waits until every byte already sent has been
+echoed and verified, or its connection has timed out (counted as a timeout:
+a server that stops echoing near the end fails the run). What completes
+after the interval is checked but not counted: rates are what completed
+inside the interval over its length, and the latency percentiles are of the
+same messages or connections. The run ends at a hard deadline (warm-up +
+duration + 3 x timeout + 10 s, plus 1 s per 1000 held connections) whatever
+the server does.
 
 EXIT STATUS:
     0  every echo verified, no errors, something measured

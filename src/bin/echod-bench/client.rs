@@ -16,6 +16,19 @@
 //!
 //! Connection `k` of thread `i` is number `i + k·threads` of the run: its
 //! byte stream (see `payload`) differs from every other's.
+//!
+//! The end of a timed run (pingpong, stream, connrate) is a drain: at
+//! `measure_end` no message, stream write or connection starts any more,
+//! but the loop goes on until every byte already sent has been echoed and
+//! verified, or its connection has timed out (and is counted as a timeout).
+//! Without it, a server that stops echoing less than the timeout before the
+//! end would pass with its last bytes never checked. What completes during
+//! the drain is verified but not counted: the rate is the work completed
+//! inside the interval over the interval, and the latency histogram holds
+//! exactly the messages (connections) the rate counts. A window of
+//! completions is, in a steady run, as representative as a window of
+//! starts: it leaves out the messages sent before the end that finish
+//! after it, and takes in those sent before the start that finish inside.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -39,10 +52,13 @@ pub struct Plan {
     pub timeout: Duration,
     pub seed: u64,
     pub threads: usize,
-    /// Work done in `[measure_start, measure_end)` is counted.
+    /// Work completed in `[measure_start, measure_end)` is counted; at
+    /// `measure_end` the timed modes stop starting work and drain (see the
+    /// module header).
     pub measure_start: Instant,
     pub measure_end: Instant,
     /// Past this instant every thread stops, whatever is still in flight.
+    /// Later than `measure_end` by more than the drain needs.
     pub deadline: Instant,
 }
 
@@ -217,6 +233,9 @@ pub struct Client<'a> {
     reopen: Vec<usize>,
     open: usize,
     hold: HoldPhase,
+    /// A timed mode's interval is over: nothing new starts (in stream mode,
+    /// no more writes), and the loop ends once nothing is outstanding.
+    draining: bool,
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
     tally: Tally,
@@ -314,6 +333,7 @@ impl<'a> Client<'a> {
             reopen: Vec::new(),
             open: 0,
             hold: HoldPhase::Opening,
+            draining: false,
             inbuf: vec![0; io_len.max(64 * 1024)],
             outbuf: vec![0; io_len],
             tally: Tally::default(),
@@ -378,6 +398,9 @@ impl<'a> Client<'a> {
                     self.open(Some(slot), now);
                 }
             }
+            if !self.draining && self.plan.mode != Mode::Hold && now >= self.plan.measure_end {
+                self.begin_drain();
+            }
             if now >= self.plan.deadline {
                 self.expire_all();
                 return Ok(());
@@ -389,9 +412,12 @@ impl<'a> Client<'a> {
             }
             let done = match self.plan.mode {
                 Mode::Hold => self.step_hold(now),
-                Mode::ConnRate => now >= self.plan.measure_end,
-                // Nothing left to drive once every connection has failed.
-                Mode::PingPong | Mode::Stream => now >= self.plan.measure_end || self.open == 0,
+                // Nothing left to drive once every connection has failed
+                // (connrate reconnects instead, until the end).
+                Mode::PingPong | Mode::Stream if self.open == 0 => true,
+                Mode::PingPong | Mode::Stream | Mode::ConnRate => {
+                    self.draining && !self.any_outstanding()
+                }
             };
             if done {
                 return Ok(());
@@ -412,6 +438,43 @@ impl<'a> Client<'a> {
 
     fn measuring(&self, now: Instant) -> bool {
         now >= self.plan.measure_start && now < self.plan.measure_end
+    }
+
+    /// Whether `conn` waits on the server: to finish its connect, or to
+    /// echo bytes sent or still to send (the rest of a message begun). A
+    /// connection that waits makes no progress for the timeout fails.
+    fn outstanding(&self, conn: &Conn) -> bool {
+        match conn.state {
+            State::Connecting => true,
+            State::Echoing if self.plan.mode == Mode::Stream => conn.check.outstanding() > 0,
+            State::Echoing => conn.check.received() < conn.msg_end,
+            State::Idle | State::Held => false,
+        }
+    }
+
+    fn any_outstanding(&self) -> bool {
+        self.slots.iter().flatten().any(|c| self.outstanding(c))
+    }
+
+    /// The end of the interval (timed modes): from now on no message,
+    /// stream write or connection starts. Stream connections stop writing
+    /// here (their `EPOLLOUT` goes); the others finish the message they
+    /// have begun. The loop then runs until nothing is outstanding.
+    fn begin_drain(&mut self) {
+        self.draining = true;
+        if self.plan.mode != Mode::Stream {
+            return;
+        }
+        for slot in 0..self.slots.len() {
+            let Some(mut conn) = self.slots[slot].take() else {
+                continue;
+            };
+            let next = match conn.state {
+                State::Echoing => self.write_pending(&mut conn).map(|()| Next::Keep),
+                _ => Ok(Next::Keep),
+            };
+            self.settle(conn, next);
+        }
     }
 
     /// Starts a connection in `slot` (a new slot when `None`).
@@ -512,7 +575,10 @@ impl<'a> Client<'a> {
             Mode::Stream => {}
             // The connection time counts from the connect.
             Mode::ConnRate => conn.msg_end = self.plan.length as u64,
-            Mode::PingPong | Mode::Hold => self.begin_message(conn, now),
+            Mode::Hold => self.begin_message(conn, now),
+            Mode::PingPong if now < self.plan.measure_end => self.begin_message(conn, now),
+            // Connected during the drain: nothing to send, nothing awaited.
+            Mode::PingPong => {}
         }
         self.write_pending(conn)?;
         Ok(Next::Keep)
@@ -525,15 +591,20 @@ impl<'a> Client<'a> {
     }
 
     /// Writes what is due: the rest of the current message, or one chunk of
-    /// the stream; then registers for `EPOLLOUT` exactly when something is
-    /// left.
+    /// the stream (none once draining); then registers for `EPOLLOUT`
+    /// exactly when something is left.
     fn write_pending(&mut self, conn: &mut Conn) -> Result<(), Failure> {
         let stream_mode = self.plan.mode == Mode::Stream;
+        // A stream always has more to write, until the drain.
+        let streaming = stream_mode && !self.draining;
         loop {
-            let due = if stream_mode {
-                self.outbuf.len()
-            } else {
-                (conn.msg_end - conn.check.sent()).min(self.outbuf.len() as u64) as usize
+            let due = match (stream_mode, streaming) {
+                (true, true) => self.outbuf.len(),
+                (true, false) => 0,
+                // `msg_end >= sent` (a message is never sent past its end).
+                (false, _) => {
+                    (conn.msg_end - conn.check.sent()).min(self.outbuf.len() as u64) as usize
+                }
             };
             if due == 0 {
                 break;
@@ -555,7 +626,8 @@ impl<'a> Client<'a> {
                 Err(e) => return Err(Failure::Reset(e)),
             }
         }
-        let unsent = stream_mode || conn.check.sent() < conn.msg_end;
+        // In stream mode `msg_end` stays 0: nothing is unsent once draining.
+        let unsent = streaming || conn.check.sent() < conn.msg_end;
         let mut want = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
         if unsent {
             want |= EpollFlags::EPOLLOUT;
@@ -722,7 +794,7 @@ impl<'a> Client<'a> {
         for slot in 0..self.slots.len() {
             let overdue = matches!(
                 &self.slots[slot],
-                Some(c) if matches!(c.state, State::Connecting | State::Echoing)
+                Some(c) if self.outstanding(c)
                     && now.duration_since(c.last) > self.plan.timeout
             );
             if overdue {
@@ -737,10 +809,7 @@ impl<'a> Client<'a> {
     /// At the hard deadline: whatever still waits has timed out.
     fn expire_all(&mut self) {
         for slot in 0..self.slots.len() {
-            let waiting = matches!(
-                &self.slots[slot],
-                Some(c) if matches!(c.state, State::Connecting | State::Echoing)
-            );
+            let waiting = matches!(&self.slots[slot], Some(c) if self.outstanding(c));
             if waiting {
                 if let Some(conn) = self.slots[slot].take() {
                     self.deadline_hit = true;

@@ -230,8 +230,13 @@ fn sample<T>(
 
 /// Samples CPU time and context switches at the edges of the measured
 /// interval.
-fn meter_timed(s: &Settings, plan: &Plan, shared: &Shared, line: &mut ProgressLine) -> Meter {
-    let mut m = Meter::default();
+fn meter_timed(
+    s: &Settings,
+    plan: &Plan,
+    shared: &Shared,
+    line: &mut ProgressLine,
+    mut m: Meter,
+) -> Meter {
     if !wait_until(plan.measure_start, shared, s.threads, line, "warm-up") {
         return m;
     }
@@ -255,11 +260,18 @@ fn meter_timed(s: &Settings, plan: &Plan, shared: &Shared, line: &mut ProgressLi
     m
 }
 
-/// Drives the hold sequence: memory before, wait for every thread to have
-/// opened its share, idle, memory while holding, then release the re-check.
-fn meter_hold(s: &Settings, plan: &Plan, shared: &Shared, line: &mut ProgressLine) -> Meter {
-    let mut m = Meter::default();
-    let before = sample(s.server_pid, &mut m, |p| procfs::sample_tree(p, true));
+/// Drives the hold sequence: wait for every thread to have opened its
+/// share, idle, memory while holding, then release the re-check. `m` comes
+/// with the memory before, sampled before the client threads started (see
+/// `run`).
+fn meter_hold(
+    s: &Settings,
+    plan: &Plan,
+    shared: &Shared,
+    line: &mut ProgressLine,
+    mut m: Meter,
+    before: Option<procfs::TreeSample>,
+) -> Meter {
     let t0 = Instant::now();
     loop {
         let opened = shared.opened.load(Ordering::Acquire);
@@ -290,6 +302,15 @@ fn run(s: &Settings) -> anyhow::Result<Report> {
     if let Some(pid) = s.server_pid {
         procfs::sample_tree(pid, false).with_context(|| format!("--server-pid {pid}"))?;
     }
+    // Hold mode's memory before any connection: sampled here, before the
+    // client threads exist and before the clock of the run starts (a
+    // tree's PSS takes a while to read), so that no connection of the run
+    // is in it.
+    let mut meter = Meter::default();
+    let before = match s.mode {
+        Mode::Hold => sample(s.server_pid, &mut meter, |p| procfs::sample_tree(p, true)),
+        _ => None,
+    };
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -297,6 +318,10 @@ fn run(s: &Settings) -> anyhow::Result<Report> {
     let start = Instant::now();
     let measure_start = start + s.warmup;
     let measure_end = measure_start + s.duration;
+    // The drain after the measured interval (see `client`) needs one
+    // timeout past the end when a connection is stuck, two in connrate (a
+    // connect begun just before the end, then its echo); a server that
+    // trickles a byte per timeout is stopped here.
     let mut slack = 3 * s.timeout + Duration::from_secs(10);
     if s.mode == Mode::Hold {
         slack += Duration::from_millis(s.count as u64);
@@ -344,9 +369,14 @@ fn run(s: &Settings) -> anyhow::Result<Report> {
             }
         }
         let meter = match s.mode {
-            Mode::Hold => meter_hold(s, &plan, &shared, &mut line),
-            _ => meter_timed(s, &plan, &shared, &mut line),
+            Mode::Hold => meter_hold(s, &plan, &shared, &mut line, meter, before),
+            _ => meter_timed(s, &plan, &shared, &mut line, meter),
         };
+        if s.mode != Mode::Hold {
+            // The threads drain what is in flight: up to a timeout, and
+            // the progress line says why the run has not ended yet.
+            wait_until(plan.deadline, &shared, s.threads, &mut line, "draining");
+        }
         let outcomes: Vec<Outcome> = handles
             .into_iter()
             .map(|h| {
