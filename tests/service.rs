@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use common::*;
 
+/// The bound of every wait here.
+const LIMIT: Duration = Duration::from_secs(10);
+
 /// Receives the next notification, closing any descriptor that came with
 /// it (none is expected from echod, which never sends `BARRIER=1`).
 fn next_message(rx: &UnixDatagram) -> String {
@@ -69,27 +72,25 @@ fn sd_notify_ready_reloading_stopping() {
     e.assert_no_errors();
 }
 
+/// Whether `name` is an executable file in one of the `PATH` directories.
+fn in_path(name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|d| {
+            std::fs::metadata(d.join(name))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
 /// Socket activation through `systemd-socket-activate`: echod serves the
 /// passed socket instead of binding, says so, and echoes.
 #[test]
 fn socket_activation_serves_the_passed_socket() {
-    if Command::new("systemd-socket-activate")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_err()
-    {
+    if !in_path("systemd-socket-activate") {
         eprintln!("SKIP: systemd-socket-activate is not installed");
         return;
     }
-    // systemd-socket-activate rejects port 0: find a free port, then hand
-    // it over (a short race with other tests, which all use port 0).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let dir = TempDir::new("activate");
     let cfg = dir.path("echod.toml");
     // The config's own listen address must be ignored in favour of the
@@ -99,41 +100,72 @@ fn socket_activation_serves_the_passed_socket() {
         "listen = [\"192.0.2.1:7\"]\nworkers = 2\n[log]\ntarget = \"stderr\"\n",
     )
     .unwrap();
-    let mut child = Command::new("systemd-socket-activate")
-        .args(["-l", &format!("127.0.0.1:{port}"), ECHOD, "--config"])
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // systemd-socket-activate rejects port 0: take a port the kernel says
+    // is free and hand it over. Another test may bind it in between (they
+    // all use port 0, which can return it); then the activator fails to
+    // listen, and the test tries again with a new port.
+    let (mut activator, log, port) = (0..5)
+        .find_map(|_| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new("systemd-socket-activate")
+                .args(["-l", &format!("127.0.0.1:{port}"), ECHOD, "--config"])
+                .arg(&cfg)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .env_remove("NOTIFY_SOCKET")
+                .env_remove("LISTEN_FDS")
+                .env_remove("LISTEN_PID")
+                .spawn()
+                .expect("spawn systemd-socket-activate");
+            // The guard kills the activator (echod's master once it execs)
+            // and the workers, whatever happens below.
+            let mut activator = KillTree::child(child);
+            // stderr is the activator's, then echod's log: read as it comes.
+            let log = Capture::start(activator.take_output().1.expect("piped stderr"));
+            let listening = format!("Listening on 127.0.0.1:{port} ");
+            let settled = wait_until(LIMIT, || {
+                log.text().contains(&listening) || activator.try_wait().is_some()
+            });
+            let text = log.text();
+            if text.contains(&listening) {
+                return Some((activator, log, port));
+            }
+            assert!(
+                settled,
+                "the activator neither listened nor exited:\n{text}"
+            );
+            assert!(
+                text.contains("Address already in use"),
+                "the activator failed:\n{text}"
+            );
+            eprintln!("port {port} was taken meanwhile; trying another");
+            None
+        })
+        .expect("5 ports in a row were taken before the activator could listen");
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    // The activator listens at once and execs echod on the first
-    // connection; echod then accepts it from the queue.
-    let mut ok = false;
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            ok = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(ok, "activator never listened");
+    // The activator execs echod on the first connection; echod then
+    // accepts it from the queue.
     for i in 0..20u8 {
         echo_once(addr, &payload(u64::from(i), 1000 + usize::from(i) * 100));
     }
-    let pid = child.id() as i32;
+    let pid = activator.id();
     assert_eq!(
         comm(pid).as_deref(),
         Some("echod-master"),
         "the activator execs echod in place"
     );
-    // SAFETY: kill(2) on the child this test started.
+    // SAFETY: kill(2) on the child this test started and has not reaped.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
-    assert!(status.success(), "{log}");
+    let status = activator.wait_exit(LIMIT);
+    // The workers, which hold the pipe too, exit before the master does.
+    let log = log.finish(LIMIT);
+    let status = status.unwrap_or_else(|| panic!("echod did not stop on SIGTERM:\n{log}"));
+    assert!(status.success(), "{status:?}\n{log}");
     assert!(
         log.contains("using 1 sockets from systemd (socket activation)"),
         "{log}"
