@@ -4,6 +4,7 @@
 mod common;
 
 use std::os::unix::net::UnixDatagram;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -176,6 +177,32 @@ fn socket_activation_serves_the_passed_socket() {
     );
 }
 
+/// Runs `echod --daemon --config cfg`, bounded by [`LIMIT`] (the launcher
+/// is killed by PID and the test fails if it does not return). While it
+/// runs and once it has returned, every new pid the pid file names that is
+/// an echod gets a cleanup guard in `daemons`, so a daemon dies with the
+/// test whatever happens next.
+fn launch_daemon(cfg: &Path, pidfile: &Path, daemons: &mut Vec<KillTree>) -> Run {
+    let mut adopt = || {
+        let Some(pid) = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        if !daemons.iter().any(|d| d.id() == pid)
+            && comm(pid).is_some_and(|c| c.starts_with("echod"))
+        {
+            daemons.push(KillTree::pid(pid));
+        }
+    };
+    let mut cmd = echod_command();
+    cmd.arg("--daemon").arg("--config").arg(cfg);
+    let run = run_bounded(cmd, LIMIT, &mut adopt);
+    adopt();
+    run
+}
+
 /// `--daemon`: the launcher returns 0 only once the daemon serves; the pid
 /// file holds the master's pid and is locked; a second start fails with a
 /// clear message; SIGTERM removes the pid file.
@@ -184,52 +211,29 @@ fn daemon_detaches_with_a_locked_pid_file() {
     let dir = TempDir::new("daemon");
     let pidfile = dir.path("echod.pid");
     let logfile = dir.path("echod.log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let cfg = dir.path("echod.toml");
     std::fs::write(
         &cfg,
         format!(
-            "listen = [\"127.0.0.1:{port}\"]\nworkers = 2\npid_file = \"{}\"\n[log]\ntarget = \"file\"\nfile = \"{}\"\n",
+            "listen = [\"127.0.0.1:0\"]\nworkers = 2\npid_file = \"{}\"\n[log]\ntarget = \"file\"\nfile = \"{}\"\n",
             pidfile.display(),
             logfile.display()
         ),
     )
     .unwrap();
-    let run = || {
-        Command::new(ECHOD)
-            .arg("--daemon")
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
-    let first = run();
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    let mut daemons = Vec::new();
+    let first = launch_daemon(&cfg, &pidfile, &mut daemons);
+    assert!(first.status.success(), "{}", first.stderr);
     let pid: i32 = std::fs::read_to_string(&pidfile)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    // Cleanup guard: whatever happens below, the daemon dies.
-    struct Kill(i32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            if alive(self.0) {
-                // SAFETY: kill(2) on the daemon this test started.
-                unsafe { libc::kill(self.0, libc::SIGKILL) };
-            }
-        }
-    }
-    let _guard = Kill(pid);
+    assert_eq!(
+        daemons.iter().map(KillTree::id).collect::<Vec<_>>(),
+        [pid],
+        "the daemon's pid"
+    );
     assert_eq!(comm(pid).as_deref(), Some("echod-master"));
     // Detached: a new session, re-parented away from this test.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -242,8 +246,15 @@ fn daemon_detaches_with_a_locked_pid_file() {
     let (ppid, sid): (i32, i32) = (fields[1].parse().unwrap(), fields[3].parse().unwrap());
     assert_ne!(ppid, std::process::id() as i32);
     assert_ne!(sid, unsafe { libc::getsid(0) }, "a new session");
-    // Serving already when the launcher returned.
-    echo_once(format!("127.0.0.1:{port}").parse().unwrap(), b"daemonized");
+    // Serving already when the launcher returned, on the port its log
+    // names (port 0 in the config: the kernel chose it).
+    let log = || std::fs::read_to_string(&logfile).unwrap_or_default();
+    assert!(
+        wait_until(LIMIT, || !listening_addrs(&log()).is_empty()),
+        "no 'listening on' in the daemon's log:\n{}",
+        log()
+    );
+    echo_once(listening_addrs(&log())[0], b"daemonized");
     // The pid file is locked.
     let locks = std::fs::read_to_string("/proc/locks").unwrap();
     assert!(
@@ -252,21 +263,24 @@ fn daemon_detaches_with_a_locked_pid_file() {
             .any(|l| l.contains("FLOCK") && l.contains(&format!(" {pid} "))),
         "no flock held by {pid}:\n{locks}"
     );
-    // A second instance is refused, clearly, before it touches the port.
-    let second = run();
+    // A second instance is refused, clearly, before it binds (with port 0
+    // it could bind, so the pid file alone refuses it).
+    let second = launch_daemon(&cfg, &pidfile, &mut daemons);
     assert!(!second.status.success());
-    let msg = String::from_utf8_lossy(&second.stderr);
     assert!(
-        msg.contains("locked by a running echod") && msg.contains(&pid.to_string()),
-        "{msg}"
+        second.stderr.contains("locked by a running echod")
+            && second.stderr.contains(&pid.to_string()),
+        "{}",
+        second.stderr
     );
+    assert_eq!(daemons.len(), 1, "a second daemon started");
     // SIGTERM: the daemon exits and removes its pid file.
-    // SAFETY: kill(2) on the daemon this test started.
+    // SAFETY: kill(2) on the daemon this test started, alive as checked
+    // above.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert!(wait_until(Duration::from_secs(10), || !alive(pid)));
+    assert!(wait_until(LIMIT, || !alive(pid)));
     assert!(!pidfile.exists());
-    let log = std::fs::read_to_string(&logfile).unwrap();
-    assert!(log.contains("ready: generation 1"), "{log}");
+    assert!(log().contains("ready: generation 1"), "{}", log());
 }
 
 /// `--daemon` whose port is taken: the launcher exits non-zero with the
@@ -277,22 +291,24 @@ fn daemon_launcher_reports_a_failed_start() {
     let port = taken.local_addr().unwrap().port();
     let dir = TempDir::new("daemon-fail");
     let cfg = dir.path("echod.toml");
+    // The pid file only lets the test find (and kill) a daemon that
+    // wrongly stayed up.
+    let pidfile = dir.path("echod.pid");
     std::fs::write(
         &cfg,
-        format!("listen = [\"127.0.0.1:{port}\"]\n[log]\ntarget = \"stderr\"\n"),
+        format!(
+            "listen = [\"127.0.0.1:{port}\"]\npid_file = \"{}\"\n[log]\ntarget = \"stderr\"\n",
+            pidfile.display()
+        ),
     )
     .unwrap();
-    let out = Command::new(ECHOD)
-        .args(["--daemon", "--config"])
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(71));
-    let msg = String::from_utf8_lossy(&out.stderr);
+    let mut daemons = Vec::new();
+    let out = launch_daemon(&cfg, &pidfile, &mut daemons);
+    assert_eq!(out.code(), Some(71), "{}", out.stderr);
     assert!(
-        msg.contains(&format!("bind 127.0.0.1:{port}")) && msg.contains("in use"),
-        "{msg}"
+        out.stderr.contains(&format!("bind 127.0.0.1:{port}")) && out.stderr.contains("in use"),
+        "{}",
+        out.stderr
     );
 }
 
@@ -352,18 +368,13 @@ fn user_switch_without_root_is_a_config_error() {
     let dir = TempDir::new("nonroot");
     let cfg = dir.path("echod.toml");
     std::fs::write(&cfg, "listen = [\"127.0.0.1:0\"]\nuser = \"root\"\n").unwrap();
-    let out = Command::new(ECHOD)
-        .arg("--config")
-        .arg(&cfg)
-        .uid(65534)
-        .gid(65534)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let msg = String::from_utf8_lossy(&out.stderr);
+    let mut cmd = echod_command();
+    cmd.arg("--config").arg(&cfg).uid(65534).gid(65534);
+    let out = run_bounded(cmd, LIMIT, || {});
+    assert_eq!(out.code(), Some(78), "{}", out.stderr);
     assert!(
-        msg.contains("not root") && msg.contains("leave them unset"),
-        "{msg}"
+        out.stderr.contains("not root") && out.stderr.contains("leave them unset"),
+        "{}",
+        out.stderr
     );
 }
