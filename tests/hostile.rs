@@ -55,12 +55,15 @@ fn prefork_like(mode: &str) -> bool {
     mode != "fork"
 }
 
-/// Starts echod and, in prefork mode, waits for its workers to be in
-/// their event loops.
+/// Starts echod and, in prefork mode, waits for all the workers it
+/// reported at ready to be in their event loops.
 fn start(mode: &str, extra: &str) -> Echod {
     let e = Echod::start(&mode_config(mode, extra));
     if prefork_like(mode) {
-        assert!(e.wait_workers_up(LIMIT), "workers not up:\n{}", e.log());
+        let n = e
+            .ready_workers()
+            .unwrap_or_else(|| panic!("no pool size in the ready line:\n{}", e.log()));
+        assert!(e.wait_workers_up(n, LIMIT), "workers not up:\n{}", e.log());
     }
     e
 }

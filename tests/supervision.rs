@@ -188,7 +188,11 @@ fn prefork_pool_is_exactly_workers_and_a_killed_worker_is_replaced() {
         "{}",
         e.log()
     );
-    assert!(e.wait_workers_up(Duration::from_secs(5)));
+    assert!(
+        e.wait_workers_up(WORKERS, Duration::from_secs(5)),
+        "{}",
+        e.log()
+    );
     eprintln!("worker {victim} replaced by {fresh} in {took:?}");
 
     for (i, s) in conns.iter_mut().enumerate() {
@@ -590,7 +594,7 @@ fn balance_spreads_connections(extra: &str) {
     let addrs = e.addrs();
     let server_ports = ports(&addrs);
     assert!(wait_until(Duration::from_secs(5), || e.workers().len() == 2));
-    assert!(e.wait_workers_up(Duration::from_secs(5)));
+    assert!(e.wait_workers_up(2, Duration::from_secs(5)), "{}", e.log());
     let workers = e.workers();
     // Every one of `conns` is held by a worker, each worker holding at
     // least `least`.

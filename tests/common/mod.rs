@@ -257,14 +257,24 @@ impl Echod {
             .collect()
     }
 
-    /// Waits until the workers' count is stable and each is in its epoll
-    /// loop (its scoreboard heartbeat is not visible here, so: each has an
-    /// epoll or io_uring descriptor).
-    pub fn wait_workers_up(&self, timeout: Duration) -> bool {
+    /// Waits until the master has exactly `n` workers (at least one) and
+    /// each is in its event loop (its scoreboard heartbeat is not visible
+    /// here, so: each has an epoll or io_uring descriptor).
+    pub fn wait_workers_up(&self, n: usize, timeout: Duration) -> bool {
+        assert!(n > 0, "wait_workers_up: a pool has at least one worker");
         wait_until(timeout, || {
             let w = self.workers();
-            w.iter().all(|&p| has_epoll(p))
+            w.len() == n && w.iter().all(|&p| has_epoll(p))
         })
+    }
+
+    /// The pool size the master reported when it became ready (`ready:
+    /// generation G: N workers`, prefork mode).
+    pub fn ready_workers(&self) -> Option<usize> {
+        let log = self.log();
+        let rest = log.split("ready: generation ").nth(1)?;
+        let (_, rest) = rest.split_once(": ")?;
+        rest.split_whitespace().next()?.parse().ok()
     }
 
     /// Replaces the config file (for a reload).
