@@ -483,8 +483,11 @@ fn fork_idle_timeout_closes_only_idle_connections() {
 /// `prefork_idle_timeout_is_honoured_within_a_quarter`: with
 /// `idle_timeout = "1s"`, four silent connections that last spoke 250 ms
 /// apart (so that one of them falls just after any periodic scan) are each
-/// closed between 0.8 s and 1.35 s after their last byte: the worker scans
-/// every quarter of idle_timeout, not once a second.
+/// closed between 0.8 s and 1.6 s after their last byte: the worker scans
+/// every quarter of idle_timeout (a close 1 s to 1.25 s after the last
+/// byte; the rest is room for a loaded machine, as in the idle-timeout
+/// tests above), not once a second (which closes one of the four 1.75 s or
+/// more after its last byte).
 #[test]
 fn prefork_idle_timeout_is_honoured_within_a_quarter() {
     let e = start("prefork", "workers = 1\nidle_timeout = \"1s\"");
@@ -507,7 +510,7 @@ fn prefork_idle_timeout_is_honoured_within_a_quarter() {
     for (i, c) in closed.iter().enumerate() {
         let c = c.unwrap_or_else(|| panic!("idle connection {i} was never closed"));
         assert!(
-            c >= Duration::from_millis(800) && c <= Duration::from_millis(1350),
+            c >= Duration::from_millis(800) && c <= Duration::from_millis(1600),
             "idle connection {i} was closed after {c:?} (idle_timeout 1s): {closed:?}"
         );
     }
