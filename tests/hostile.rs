@@ -1149,9 +1149,11 @@ fn fork_mode_leaves_no_zombies() {
     let e = start("fork", "max_connections = 64");
     let addr = e.addr();
     let master = e.pid;
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Stops the sampler when the test ends, also by a failed assertion or
+    // a client's panic.
+    let done = SetOnDrop::new();
     let sampler = {
-        let done = std::sync::Arc::clone(&done);
+        let done = done.flag();
         std::thread::spawn(move || {
             let mut first_seen = std::collections::HashMap::<i32, Instant>::new();
             let (mut worst_age, mut most, mut samples) = (Duration::ZERO, 0, 0);
@@ -1184,7 +1186,7 @@ fn fork_mode_leaves_no_zombies() {
     }
     // The children of the last connections exit just now.
     let settled = wait_until(Duration::from_secs(2), || e.children().is_empty());
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(done);
     let (worst_age, most, samples) = sampler.join().expect("sampler");
     eprintln!(
         "400 connections: at most {most} zombies at once, the oldest {worst_age:?}, {samples} samples"

@@ -13,7 +13,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -235,13 +235,14 @@ fn fork_mode_caps_live_children_at_max_connections() {
     )));
     let addr = e.addr();
     let master = e.pid;
-    let stop = Arc::new(AtomicBool::new(false));
+    // Stops the sampler when the test ends, also by a failed assertion.
+    let stop = SetOnDrop::new();
     let max_children = Arc::new(AtomicUsize::new(0));
     let max_conn = Arc::new(AtomicUsize::new(0));
     let samples = Arc::new(AtomicUsize::new(0));
     let sampler = {
         let (stop, max_children, max_conn, samples) = (
-            stop.clone(),
+            stop.flag(),
             max_children.clone(),
             max_conn.clone(),
             samples.clone(),
@@ -292,7 +293,7 @@ fn fork_mode_caps_live_children_at_max_connections() {
         .map(|t| t.join().expect("client thread"))
         .collect();
     let took = t0.elapsed();
-    stop.store(true, Ordering::Relaxed);
+    drop(stop);
     sampler.join().unwrap();
     let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(failed.is_empty(), "clients failed: {failed:?}\n{}", e.log());

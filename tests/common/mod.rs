@@ -454,6 +454,28 @@ fn start_time(pid: i32) -> Option<u64> {
         .ok()
 }
 
+/// Sets its flag when dropped: a sampler thread that loops until the flag
+/// is set stops when the test ends, whether it passes or an assertion (or
+/// a client thread) panics first.
+pub struct SetOnDrop(pub Arc<AtomicBool>);
+
+impl SetOnDrop {
+    pub fn new() -> SetOnDrop {
+        SetOnDrop(Arc::new(AtomicBool::new(false)))
+    }
+
+    /// The flag, for the sampler thread.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.0)
+    }
+}
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// What a child writes to one pipe, collected by a thread as it comes, so
 /// the child never blocks on a full pipe and the test can read the text
 /// while the child runs.
