@@ -55,12 +55,15 @@ fn prefork_like(mode: &str) -> bool {
     mode != "fork"
 }
 
-/// Starts echod and, in prefork mode, waits for its workers to be in
-/// their event loops.
+/// Starts echod and, in prefork mode, waits for all the workers it
+/// reported at ready to be in their event loops.
 fn start(mode: &str, extra: &str) -> Echod {
     let e = Echod::start(&mode_config(mode, extra));
     if prefork_like(mode) {
-        assert!(e.wait_workers_up(LIMIT), "workers not up:\n{}", e.log());
+        let n = e
+            .ready_workers()
+            .unwrap_or_else(|| panic!("no pool size in the ready line:\n{}", e.log()));
+        assert!(e.wait_workers_up(n, LIMIT), "workers not up:\n{}", e.log());
     }
     e
 }
@@ -480,8 +483,11 @@ fn fork_idle_timeout_closes_only_idle_connections() {
 /// `prefork_idle_timeout_is_honoured_within_a_quarter`: with
 /// `idle_timeout = "1s"`, four silent connections that last spoke 250 ms
 /// apart (so that one of them falls just after any periodic scan) are each
-/// closed between 0.8 s and 1.35 s after their last byte: the worker scans
-/// every quarter of idle_timeout, not once a second.
+/// closed between 0.8 s and 1.6 s after their last byte: the worker scans
+/// every quarter of idle_timeout (a close 1 s to 1.25 s after the last
+/// byte; the rest is room for a loaded machine, as in the idle-timeout
+/// tests above), not once a second (which closes one of the four 1.75 s or
+/// more after its last byte).
 #[test]
 fn prefork_idle_timeout_is_honoured_within_a_quarter() {
     let e = start("prefork", "workers = 1\nidle_timeout = \"1s\"");
@@ -504,7 +510,7 @@ fn prefork_idle_timeout_is_honoured_within_a_quarter() {
     for (i, c) in closed.iter().enumerate() {
         let c = c.unwrap_or_else(|| panic!("idle connection {i} was never closed"));
         assert!(
-            c >= Duration::from_millis(800) && c <= Duration::from_millis(1350),
+            c >= Duration::from_millis(800) && c <= Duration::from_millis(1600),
             "idle connection {i} was closed after {c:?} (idle_timeout 1s): {closed:?}"
         );
     }
@@ -1143,9 +1149,11 @@ fn fork_mode_leaves_no_zombies() {
     let e = start("fork", "max_connections = 64");
     let addr = e.addr();
     let master = e.pid;
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Stops the sampler when the test ends, also by a failed assertion or
+    // a client's panic.
+    let done = SetOnDrop::new();
     let sampler = {
-        let done = std::sync::Arc::clone(&done);
+        let done = done.flag();
         std::thread::spawn(move || {
             let mut first_seen = std::collections::HashMap::<i32, Instant>::new();
             let (mut worst_age, mut most, mut samples) = (Duration::ZERO, 0, 0);
@@ -1178,7 +1186,7 @@ fn fork_mode_leaves_no_zombies() {
     }
     // The children of the last connections exit just now.
     let settled = wait_until(Duration::from_secs(2), || e.children().is_empty());
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(done);
     let (worst_age, most, samples) = sampler.join().expect("sampler");
     eprintln!(
         "400 connections: at most {most} zombies at once, the oldest {worst_age:?}, {samples} samples"

@@ -16,11 +16,10 @@ mod load;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{ErrorKind, Read};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{config, connect, echo_once, payload, wait_until, Echod, Start};
+use common::{config, connect, echo_once, payload, wait_until, Echod, SetOnDrop, Start};
 use load::{Client, Load};
 
 /// The bound of one wait for echod to do something it should do at once.
@@ -244,15 +243,16 @@ fn reload_under_load_drops_no_connection() {
 fn sigterm_to_a_starting_worker_is_not_lost() {
     let e = start("workers = 6\nshutdown_timeout = \"60s\"", 6);
     // Busy threads keep both CPUs taken, so a new worker waits for one a
-    // while after fork: the window the second reload aims at.
-    let spin = Arc::new(AtomicBool::new(true));
+    // while after fork: the window the second reload aims at. They stop
+    // when the test ends (a failed assertion included), or after 20 s.
+    let stop = SetOnDrop::new();
     let spinners: Vec<_> = (0..3)
         .map(|_| {
-            let spin = Arc::clone(&spin);
+            let stop = stop.flag();
             std::thread::spawn(move || {
                 let mut x = 0u64;
                 let t0 = Instant::now();
-                while spin.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(20) {
+                while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(20) {
                     x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
                 }
                 x
@@ -276,7 +276,7 @@ fn sigterm_to_a_starting_worker_is_not_lost() {
         assert!(e.wait_log(&needle, STEP), "no `{needle}`\n{}", e.log());
         wait_gen_up(&e, gen, 6, STEP);
     }
-    spin.store(false, Ordering::Relaxed);
+    drop(stop);
     for t in spinners {
         t.join().unwrap();
     }
@@ -599,9 +599,10 @@ fn recycling_replaces_workers_and_never_thins_the_pool() {
     let addr = e.addr();
     let inode = load::listener_inode(e.pid, addr.port()).expect("the master's listener");
     let master = e.pid;
-    let stop = Arc::new(AtomicBool::new(false));
+    // Stops the sampler when the test ends, also by a failed assertion.
+    let stop = SetOnDrop::new();
     let sampler = {
-        let stop = Arc::clone(&stop);
+        let stop = stop.flag();
         std::thread::spawn(move || {
             let (mut min, mut samples) = (usize::MAX, 0u64);
             let mut seen = BTreeSet::new();
@@ -640,7 +641,7 @@ fn recycling_replaces_workers_and_never_thins_the_pool() {
     );
     wait_pool(&e, 1, 2, STEP);
     std::thread::sleep(Duration::from_millis(100));
-    stop.store(true, Ordering::SeqCst);
+    drop(stop);
     let (min, samples, seen, worst) = sampler.join().unwrap();
     eprintln!(
         "recycling: {samples} samples, at least {min} listener holders, {} children seen, {} recycles",

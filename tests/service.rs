@@ -4,10 +4,14 @@
 mod common;
 
 use std::os::unix::net::UnixDatagram;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+
+/// The bound of every wait here.
+const LIMIT: Duration = Duration::from_secs(10);
 
 /// Receives the next notification, closing any descriptor that came with
 /// it (none is expected from echod, which never sends `BARRIER=1`).
@@ -69,27 +73,25 @@ fn sd_notify_ready_reloading_stopping() {
     e.assert_no_errors();
 }
 
+/// Whether `name` is an executable file in one of the `PATH` directories.
+fn in_path(name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|d| {
+            std::fs::metadata(d.join(name))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
 /// Socket activation through `systemd-socket-activate`: echod serves the
 /// passed socket instead of binding, says so, and echoes.
 #[test]
 fn socket_activation_serves_the_passed_socket() {
-    if Command::new("systemd-socket-activate")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_err()
-    {
+    if !in_path("systemd-socket-activate") {
         eprintln!("SKIP: systemd-socket-activate is not installed");
         return;
     }
-    // systemd-socket-activate rejects port 0: find a free port, then hand
-    // it over (a short race with other tests, which all use port 0).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let dir = TempDir::new("activate");
     let cfg = dir.path("echod.toml");
     // The config's own listen address must be ignored in favour of the
@@ -99,41 +101,72 @@ fn socket_activation_serves_the_passed_socket() {
         "listen = [\"192.0.2.1:7\"]\nworkers = 2\n[log]\ntarget = \"stderr\"\n",
     )
     .unwrap();
-    let mut child = Command::new("systemd-socket-activate")
-        .args(["-l", &format!("127.0.0.1:{port}"), ECHOD, "--config"])
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // systemd-socket-activate rejects port 0: take a port the kernel says
+    // is free and hand it over. Another test may bind it in between (they
+    // all use port 0, which can return it); then the activator fails to
+    // listen, and the test tries again with a new port.
+    let (mut activator, log, port) = (0..5)
+        .find_map(|_| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new("systemd-socket-activate")
+                .args(["-l", &format!("127.0.0.1:{port}"), ECHOD, "--config"])
+                .arg(&cfg)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .env_remove("NOTIFY_SOCKET")
+                .env_remove("LISTEN_FDS")
+                .env_remove("LISTEN_PID")
+                .spawn()
+                .expect("spawn systemd-socket-activate");
+            // The guard kills the activator (echod's master once it execs)
+            // and the workers, whatever happens below.
+            let mut activator = KillTree::child(child);
+            // stderr is the activator's, then echod's log: read as it comes.
+            let log = Capture::start(activator.take_output().1.expect("piped stderr"));
+            let listening = format!("Listening on 127.0.0.1:{port} ");
+            let settled = wait_until(LIMIT, || {
+                log.text().contains(&listening) || activator.try_wait().is_some()
+            });
+            let text = log.text();
+            if text.contains(&listening) {
+                return Some((activator, log, port));
+            }
+            assert!(
+                settled,
+                "the activator neither listened nor exited:\n{text}"
+            );
+            assert!(
+                text.contains("Address already in use"),
+                "the activator failed:\n{text}"
+            );
+            eprintln!("port {port} was taken meanwhile; trying another");
+            None
+        })
+        .expect("5 ports in a row were taken before the activator could listen");
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    // The activator listens at once and execs echod on the first
-    // connection; echod then accepts it from the queue.
-    let mut ok = false;
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            ok = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(ok, "activator never listened");
+    // The activator execs echod on the first connection; echod then
+    // accepts it from the queue.
     for i in 0..20u8 {
         echo_once(addr, &payload(u64::from(i), 1000 + usize::from(i) * 100));
     }
-    let pid = child.id() as i32;
+    let pid = activator.id();
     assert_eq!(
         comm(pid).as_deref(),
         Some("echod-master"),
         "the activator execs echod in place"
     );
-    // SAFETY: kill(2) on the child this test started.
+    // SAFETY: kill(2) on the child this test started and has not reaped.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
-    assert!(status.success(), "{log}");
+    let status = activator.wait_exit(LIMIT);
+    // The workers, which hold the pipe too, exit before the master does.
+    let log = log.finish(LIMIT);
+    let status = status.unwrap_or_else(|| panic!("echod did not stop on SIGTERM:\n{log}"));
+    assert!(status.success(), "{status:?}\n{log}");
     assert!(
         log.contains("using 1 sockets from systemd (socket activation)"),
         "{log}"
@@ -144,6 +177,32 @@ fn socket_activation_serves_the_passed_socket() {
     );
 }
 
+/// Runs `echod --daemon --config cfg`, bounded by [`LIMIT`] (the launcher
+/// is killed by PID and the test fails if it does not return). While it
+/// runs and once it has returned, every new pid the pid file names that is
+/// an echod gets a cleanup guard in `daemons`, so a daemon dies with the
+/// test whatever happens next.
+fn launch_daemon(cfg: &Path, pidfile: &Path, daemons: &mut Vec<KillTree>) -> Run {
+    let mut adopt = || {
+        let Some(pid) = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        if !daemons.iter().any(|d| d.id() == pid)
+            && comm(pid).is_some_and(|c| c.starts_with("echod"))
+        {
+            daemons.push(KillTree::pid(pid));
+        }
+    };
+    let mut cmd = echod_command();
+    cmd.arg("--daemon").arg("--config").arg(cfg);
+    let run = run_bounded(cmd, LIMIT, &mut adopt);
+    adopt();
+    run
+}
+
 /// `--daemon`: the launcher returns 0 only once the daemon serves; the pid
 /// file holds the master's pid and is locked; a second start fails with a
 /// clear message; SIGTERM removes the pid file.
@@ -152,52 +211,29 @@ fn daemon_detaches_with_a_locked_pid_file() {
     let dir = TempDir::new("daemon");
     let pidfile = dir.path("echod.pid");
     let logfile = dir.path("echod.log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let cfg = dir.path("echod.toml");
     std::fs::write(
         &cfg,
         format!(
-            "listen = [\"127.0.0.1:{port}\"]\nworkers = 2\npid_file = \"{}\"\n[log]\ntarget = \"file\"\nfile = \"{}\"\n",
+            "listen = [\"127.0.0.1:0\"]\nworkers = 2\npid_file = \"{}\"\n[log]\ntarget = \"file\"\nfile = \"{}\"\n",
             pidfile.display(),
             logfile.display()
         ),
     )
     .unwrap();
-    let run = || {
-        Command::new(ECHOD)
-            .arg("--daemon")
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
-    let first = run();
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    let mut daemons = Vec::new();
+    let first = launch_daemon(&cfg, &pidfile, &mut daemons);
+    assert!(first.status.success(), "{}", first.stderr);
     let pid: i32 = std::fs::read_to_string(&pidfile)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    // Cleanup guard: whatever happens below, the daemon dies.
-    struct Kill(i32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            if alive(self.0) {
-                // SAFETY: kill(2) on the daemon this test started.
-                unsafe { libc::kill(self.0, libc::SIGKILL) };
-            }
-        }
-    }
-    let _guard = Kill(pid);
+    assert_eq!(
+        daemons.iter().map(KillTree::id).collect::<Vec<_>>(),
+        [pid],
+        "the daemon's pid"
+    );
     assert_eq!(comm(pid).as_deref(), Some("echod-master"));
     // Detached: a new session, re-parented away from this test.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -210,8 +246,15 @@ fn daemon_detaches_with_a_locked_pid_file() {
     let (ppid, sid): (i32, i32) = (fields[1].parse().unwrap(), fields[3].parse().unwrap());
     assert_ne!(ppid, std::process::id() as i32);
     assert_ne!(sid, unsafe { libc::getsid(0) }, "a new session");
-    // Serving already when the launcher returned.
-    echo_once(format!("127.0.0.1:{port}").parse().unwrap(), b"daemonized");
+    // Serving already when the launcher returned, on the port its log
+    // names (port 0 in the config: the kernel chose it).
+    let log = || std::fs::read_to_string(&logfile).unwrap_or_default();
+    assert!(
+        wait_until(LIMIT, || !listening_addrs(&log()).is_empty()),
+        "no 'listening on' in the daemon's log:\n{}",
+        log()
+    );
+    echo_once(listening_addrs(&log())[0], b"daemonized");
     // The pid file is locked.
     let locks = std::fs::read_to_string("/proc/locks").unwrap();
     assert!(
@@ -220,21 +263,24 @@ fn daemon_detaches_with_a_locked_pid_file() {
             .any(|l| l.contains("FLOCK") && l.contains(&format!(" {pid} "))),
         "no flock held by {pid}:\n{locks}"
     );
-    // A second instance is refused, clearly, before it touches the port.
-    let second = run();
+    // A second instance is refused, clearly, before it binds (with port 0
+    // it could bind, so the pid file alone refuses it).
+    let second = launch_daemon(&cfg, &pidfile, &mut daemons);
     assert!(!second.status.success());
-    let msg = String::from_utf8_lossy(&second.stderr);
     assert!(
-        msg.contains("locked by a running echod") && msg.contains(&pid.to_string()),
-        "{msg}"
+        second.stderr.contains("locked by a running echod")
+            && second.stderr.contains(&pid.to_string()),
+        "{}",
+        second.stderr
     );
+    assert_eq!(daemons.len(), 1, "a second daemon started");
     // SIGTERM: the daemon exits and removes its pid file.
-    // SAFETY: kill(2) on the daemon this test started.
+    // SAFETY: kill(2) on the daemon this test started, alive as checked
+    // above.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert!(wait_until(Duration::from_secs(10), || !alive(pid)));
+    assert!(wait_until(LIMIT, || !alive(pid)));
     assert!(!pidfile.exists());
-    let log = std::fs::read_to_string(&logfile).unwrap();
-    assert!(log.contains("ready: generation 1"), "{log}");
+    assert!(log().contains("ready: generation 1"), "{}", log());
 }
 
 /// `--daemon` whose port is taken: the launcher exits non-zero with the
@@ -245,22 +291,24 @@ fn daemon_launcher_reports_a_failed_start() {
     let port = taken.local_addr().unwrap().port();
     let dir = TempDir::new("daemon-fail");
     let cfg = dir.path("echod.toml");
+    // The pid file only lets the test find (and kill) a daemon that
+    // wrongly stayed up.
+    let pidfile = dir.path("echod.pid");
     std::fs::write(
         &cfg,
-        format!("listen = [\"127.0.0.1:{port}\"]\n"),
+        format!(
+            "listen = [\"127.0.0.1:{port}\"]\npid_file = \"{}\"\n",
+            pidfile.display()
+        ),
     )
     .unwrap();
-    let out = Command::new(ECHOD)
-        .args(["--daemon", "--config"])
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(71));
-    let msg = String::from_utf8_lossy(&out.stderr);
+    let mut daemons = Vec::new();
+    let out = launch_daemon(&cfg, &pidfile, &mut daemons);
+    assert_eq!(out.code(), Some(71), "{}", out.stderr);
     assert!(
-        msg.contains(&format!("bind 127.0.0.1:{port}")) && msg.contains("in use"),
-        "{msg}"
+        out.stderr.contains(&format!("bind 127.0.0.1:{port}")) && out.stderr.contains("in use"),
+        "{}",
+        out.stderr
     );
 }
 
@@ -320,19 +368,14 @@ fn user_switch_without_root_is_a_config_error() {
     let dir = TempDir::new("nonroot");
     let cfg = dir.path("echod.toml");
     std::fs::write(&cfg, "listen = [\"127.0.0.1:0\"]\nuser = \"root\"\n").unwrap();
-    let out = Command::new(ECHOD)
-        .arg("--config")
-        .arg(&cfg)
-        .uid(65534)
-        .gid(65534)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let msg = String::from_utf8_lossy(&out.stderr);
+    let mut cmd = echod_command();
+    cmd.arg("--config").arg(&cfg).uid(65534).gid(65534);
+    let out = run_bounded(cmd, LIMIT, || {});
+    assert_eq!(out.code(), Some(78), "{}", out.stderr);
     assert!(
-        msg.contains("not root") && msg.contains("leave them unset"),
-        "{msg}"
+        out.stderr.contains("not root") && out.stderr.contains("leave them unset"),
+        "{}",
+        out.stderr
     );
 }
 

@@ -224,7 +224,7 @@ fn reloader(master: i32, config_path: std::path::PathBuf, stop: Arc<AtomicBool>)
 fn prefork_soak_under_kills_and_reloads() {
     let secs = soak_secs();
     let e = Echod::start(&soak_config(3));
-    assert!(e.wait_workers_up(Duration::from_secs(10)), "{}", e.log());
+    assert!(e.wait_workers_up(3, Duration::from_secs(10)), "{}", e.log());
     let addr = e.addr();
     // The start values, once the pool has settled.
     std::thread::sleep(Duration::from_millis(300));

@@ -13,7 +13,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -188,7 +188,11 @@ fn prefork_pool_is_exactly_workers_and_a_killed_worker_is_replaced() {
         "{}",
         e.log()
     );
-    assert!(e.wait_workers_up(Duration::from_secs(5)));
+    assert!(
+        e.wait_workers_up(WORKERS, Duration::from_secs(5)),
+        "{}",
+        e.log()
+    );
     eprintln!("worker {victim} replaced by {fresh} in {took:?}");
 
     for (i, s) in conns.iter_mut().enumerate() {
@@ -231,13 +235,14 @@ fn fork_mode_caps_live_children_at_max_connections() {
     )));
     let addr = e.addr();
     let master = e.pid;
-    let stop = Arc::new(AtomicBool::new(false));
+    // Stops the sampler when the test ends, also by a failed assertion.
+    let stop = SetOnDrop::new();
     let max_children = Arc::new(AtomicUsize::new(0));
     let max_conn = Arc::new(AtomicUsize::new(0));
     let samples = Arc::new(AtomicUsize::new(0));
     let sampler = {
         let (stop, max_children, max_conn, samples) = (
-            stop.clone(),
+            stop.flag(),
             max_children.clone(),
             max_conn.clone(),
             samples.clone(),
@@ -288,7 +293,7 @@ fn fork_mode_caps_live_children_at_max_connections() {
         .map(|t| t.join().expect("client thread"))
         .collect();
     let took = t0.elapsed();
-    stop.store(true, Ordering::Relaxed);
+    drop(stop);
     sampler.join().unwrap();
     let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(failed.is_empty(), "clients failed: {failed:?}\n{}", e.log());
@@ -590,7 +595,7 @@ fn balance_spreads_connections(extra: &str) {
     let addrs = e.addrs();
     let server_ports = ports(&addrs);
     assert!(wait_until(Duration::from_secs(5), || e.workers().len() == 2));
-    assert!(e.wait_workers_up(Duration::from_secs(5)));
+    assert!(e.wait_workers_up(2, Duration::from_secs(5)), "{}", e.log());
     let workers = e.workers();
     // Every one of `conns` is held by a worker, each worker holding at
     // least `least`.

@@ -8,8 +8,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -216,12 +216,7 @@ impl Echod {
     /// The addresses echod reported as bound (`listening on ADDR`), in
     /// order, latest reload included.
     pub fn addrs(&self) -> Vec<SocketAddr> {
-        self.log()
-            .lines()
-            .filter(|l| !l.contains("no longer listening on"))
-            .filter_map(|l| l.split("listening on ").nth(1))
-            .filter_map(|a| a.trim().parse().ok())
-            .collect()
+        listening_addrs(&self.log())
     }
 
     /// The first bound address.
@@ -262,14 +257,24 @@ impl Echod {
             .collect()
     }
 
-    /// Waits until the workers' count is stable and each is in its epoll
-    /// loop (its scoreboard heartbeat is not visible here, so: each has an
-    /// epoll or io_uring descriptor).
-    pub fn wait_workers_up(&self, timeout: Duration) -> bool {
+    /// Waits until the master has exactly `n` workers (at least one) and
+    /// each is in its event loop (its scoreboard heartbeat is not visible
+    /// here, so: each has an epoll or io_uring descriptor).
+    pub fn wait_workers_up(&self, n: usize, timeout: Duration) -> bool {
+        assert!(n > 0, "wait_workers_up: a pool has at least one worker");
         wait_until(timeout, || {
             let w = self.workers();
-            w.iter().all(|&p| has_epoll(p))
+            w.len() == n && w.iter().all(|&p| has_epoll(p))
         })
+    }
+
+    /// The pool size the master reported when it became ready (`ready:
+    /// generation G: N workers`, prefork mode).
+    pub fn ready_workers(&self) -> Option<usize> {
+        let log = self.log();
+        let rest = log.split("ready: generation ").nth(1)?;
+        let (_, rest) = rest.split_once(": ")?;
+        rest.split_whitespace().next()?.parse().ok()
     }
 
     /// Replaces the config file (for a reload).
@@ -332,6 +337,186 @@ impl Drop for Echod {
             }
             let _ = self.child.wait();
         }
+    }
+}
+
+/// The addresses an echod log reports as bound (`listening on ADDR`), in
+/// order, latest reload included.
+pub fn listening_addrs(log: &str) -> Vec<SocketAddr> {
+    log.lines()
+        .filter(|l| !l.contains("no longer listening on"))
+        .filter_map(|l| l.split("listening on ").nth(1))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect()
+}
+
+/// The cleanup of a process tree a test started other than through
+/// [`Echod`] (an activator that execs echod, a daemon that detached):
+/// unless the process has exited, dropping the guard kills it and every
+/// descendant by PID with `SIGKILL`, and reaps it if it is this test's
+/// child.
+pub struct KillTree {
+    pid: i32,
+    /// The process's start time when the guard was made: a pid that names
+    /// another process by the time of the drop (the daemon exited and the
+    /// pid was reused) is left alone.
+    start: Option<u64>,
+    /// Set when the process is this test's child: it is reaped here.
+    child: Option<Child>,
+}
+
+impl KillTree {
+    /// Guards a child of this test.
+    pub fn child(child: Child) -> KillTree {
+        let pid = child.id() as i32;
+        KillTree {
+            pid,
+            start: start_time(pid),
+            child: Some(child),
+        }
+    }
+
+    /// Guards a process that is not this test's child (a detached daemon).
+    pub fn pid(pid: i32) -> KillTree {
+        KillTree {
+            pid,
+            start: start_time(pid),
+            child: None,
+        }
+    }
+
+    pub fn id(&self) -> i32 {
+        self.pid
+    }
+
+    /// The child's stdout and stderr pipes, if they were piped.
+    pub fn take_output(&mut self) -> (Option<ChildStdout>, Option<ChildStderr>) {
+        match &mut self.child {
+            Some(c) => (c.stdout.take(), c.stderr.take()),
+            None => (None, None),
+        }
+    }
+
+    /// The child's exit status, reaping it, if it has exited; `None` while
+    /// it runs (and always for a guard made with [`KillTree::pid`]).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for the child to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.try_wait();
+            status.is_some()
+        });
+        status
+    }
+}
+
+impl Drop for KillTree {
+    fn drop(&mut self) {
+        if self.try_wait().is_some() {
+            return;
+        }
+        if self.start.is_none() || start_time(self.pid) != self.start {
+            // Gone already (the pid no longer names the process the guard
+            // was made for).
+            if let Some(c) = &mut self.child {
+                let _ = c.wait();
+            }
+            return;
+        }
+        let all = descendants(self.pid);
+        // SAFETY: kill(2) on a process this test started, still the same
+        // process (same start time), and its descendants found in /proc.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            for p in &all {
+                libc::kill(*p, libc::SIGKILL);
+            }
+        }
+        if let Some(c) = &mut self.child {
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The start time of `pid` (field 22 of `/proc/PID/stat`, in clock ticks
+/// since boot), which with the pid names one process.
+fn start_time(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Sets its flag when dropped: a sampler thread that loops until the flag
+/// is set stops when the test ends, whether it passes or an assertion (or
+/// a client thread) panics first.
+pub struct SetOnDrop(pub Arc<AtomicBool>);
+
+impl SetOnDrop {
+    pub fn new() -> SetOnDrop {
+        SetOnDrop(Arc::new(AtomicBool::new(false)))
+    }
+
+    /// The flag, for the sampler thread.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.0)
+    }
+}
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// What a child writes to one pipe, collected by a thread as it comes, so
+/// the child never blocks on a full pipe and the test can read the text
+/// while the child runs.
+pub struct Capture {
+    text: Arc<Mutex<Vec<u8>>>,
+    /// Set at the end of the stream (every holder of the write end closed
+    /// it).
+    eof: Arc<AtomicBool>,
+}
+
+impl Capture {
+    pub fn start(mut r: impl Read + Send + 'static) -> Capture {
+        let text = Arc::new(Mutex::new(Vec::new()));
+        let eof = Arc::new(AtomicBool::new(false));
+        let (t, e) = (Arc::clone(&text), Arc::clone(&eof));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => t.lock().unwrap().extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            e.store(true, Ordering::SeqCst);
+        });
+        Capture { text, eof }
+    }
+
+    /// The text so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned()
+    }
+
+    /// Waits up to `timeout` for the end of the stream, then returns the
+    /// text. A descendant that still holds the write end (a daemon that kept
+    /// its parent's stderr) cannot hold the test beyond `timeout`.
+    pub fn finish(&self, timeout: Duration) -> String {
+        wait_until(timeout, || self.eof.load(Ordering::SeqCst));
+        self.text()
     }
 }
 
@@ -591,42 +776,44 @@ impl Run {
 /// `timeout` for it to exit by itself; on timeout it is killed by PID and
 /// the call panics. For `--help`, `-t` and the start-up failures.
 pub fn run_echod<S: AsRef<std::ffi::OsStr>>(args: &[S], timeout: Duration) -> Run {
-    let mut child = echod_command().args(args).spawn().expect("spawn echod");
-    let read_all = |r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut r = r;
-            let mut s = Vec::new();
-            let _ = r.read_to_end(&mut s);
-            String::from_utf8_lossy(&s).into_owned()
-        })
-    };
-    let out = read_all(Box::new(child.stdout.take().unwrap()));
-    let err = read_all(Box::new(child.stderr.take().unwrap()));
+    let mut cmd = echod_command();
+    cmd.args(args);
+    run_bounded(cmd, timeout, || {})
+}
+
+/// Runs `cmd` with its stdout and stderr piped, calling `tick` every 10 ms
+/// while it runs, and waits at most `timeout` for it to exit; on timeout it
+/// and its descendants are killed by PID and the call panics. The output
+/// is collected by threads, for at most a second after the exit.
+pub fn run_bounded(mut cmd: Command, timeout: Duration, mut tick: impl FnMut()) -> Run {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut child = KillTree::child(child);
+    let (out, err) = child.take_output();
+    let out = Capture::start(out.expect("piped stdout"));
+    let err = Capture::start(err.expect("piped stderr"));
     let end = Instant::now() + timeout;
     let status = loop {
-        if let Some(s) = child.try_wait().expect("wait for echod") {
+        tick();
+        if let Some(s) = child.try_wait() {
             break s;
         }
         if Instant::now() >= end {
-            // SAFETY: kill(2) on the pid of the child this function started
-            // and has not reaped yet.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGKILL);
-            }
-            let _ = child.wait();
+            drop(child);
             panic!(
-                "echod {:?} did not exit within {timeout:?}",
-                args.iter()
-                    .map(|a| a.as_ref().to_owned())
-                    .collect::<Vec<_>>()
+                "{cmd:?} did not exit within {timeout:?}; stderr:\n{}",
+                err.text()
             );
         }
         std::thread::sleep(Duration::from_millis(10));
     };
     Run {
         status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
+        stdout: out.finish(Duration::from_secs(1)),
+        stderr: err.finish(Duration::from_secs(1)),
     }
 }
 
