@@ -194,6 +194,17 @@ impl Echod {
                 "echod did not start:\n{}",
                 e.log()
             );
+            // A worker that the kernel refuses io_uring runs epoll (and
+            // says so before it is ready): a test of the io_uring worker
+            // would then pass while testing the other one.
+            let refusal_simulated = s.env.iter().any(|(k, _)| k == "ECHOD_TEST_NO_IO_URING");
+            assert!(
+                refusal_simulated
+                    || !(s.config.contains("io = \"io_uring\"")
+                        && e.log().contains("io_uring unavailable")),
+                "the io_uring worker fell back to epoll, so this test cannot test it:\n{}",
+                e.log()
+            );
         }
         e
     }
