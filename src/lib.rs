@@ -4,12 +4,13 @@
 //! ```text
 //! echod-master             binds listeners, reads config, handles signals,
 //!  │                       forks and reaps; never touches a client byte
-//!  ├── echod-worker 0 gen 3   (prefork) accepts on the inherited listeners,
-//!  ├── echod-worker 1 gen 3    serves many connections with one epoll loop
-//!  └── echod-conn             (fork mode) one child per accepted connection
+//!  ├── echod-worker        (prefork) accepts on the inherited listeners,
+//!  ├── echod-worker         serves many connections with one epoll loop
+//!  └── echod-conn          (fork mode) one child per accepted connection
 //! ```
 //! The names are the processes' `comm` (`ps -o comm`, `/proc/PID/comm`);
-//! log lines name each process by role, generation and pid.
+//! log lines name each process by role, number, generation and pid
+//! (`worker 0 gen 3`).
 //!
 //! ## Modules
 //! | module | role | runs in |
