@@ -532,7 +532,10 @@ impl Master {
         }
     }
 
-    /// Forks prefork worker `id` of the current generation.
+    /// Forks prefork worker `id` of the current generation. Spawns nothing
+    /// while the scoreboard is full: a worker without a slot could be
+    /// neither supervised nor recycled, so the master logs it and backs off
+    /// as after a failed fork.
     fn spawn_worker(&mut self, id: usize) {
         let Some(slot) = self.board.claim() else {
             log::error!(
@@ -551,10 +554,7 @@ impl Master {
             Ok(Fork::Parent(pid)) => {
                 let child = Child {
                     pid,
-                    role: Role::Worker {
-                        id,
-                        slot: Some(slot),
-                    },
+                    role: Role::Worker { id, slot },
                     generation: self.generation,
                     spawned: Instant::now(),
                     phase: Phase::Serving,
@@ -887,7 +887,8 @@ impl Master {
     }
 
     /// Whether the current generation is serving: every wanted worker is
-    /// forked and has beaten once (it is in its epoll loop).
+    /// forked and has beaten once (it is in its epoll loop). Every worker
+    /// has a scoreboard slot (see [`Master::spawn_worker`]).
     fn pool_up(&self) -> bool {
         if self.config.mode == Mode::Fork {
             return true;
@@ -896,7 +897,7 @@ impl Master {
             && self
                 .table
                 .pool(self.generation)
-                .all(|c| c.slot().is_none_or(|s| self.board.heartbeat(s) != 0))
+                .all(|c| c.slot().is_some_and(|s| self.board.heartbeat(s) != 0))
     }
 
     /// Sends `READY=1` (and answers the daemon launcher) once the pool is

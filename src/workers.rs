@@ -15,8 +15,9 @@ use nix::unistd::Pid;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
     /// A prefork worker, numbered within its generation; `slot` is its
-    /// scoreboard cell (none if the scoreboard was full).
-    Worker { id: usize, slot: Option<usize> },
+    /// scoreboard cell. Every worker has one: the master spawns none while
+    /// the scoreboard is full (it logs that and backs off instead).
+    Worker { id: usize, slot: usize },
     /// A fork-mode child serving one connection.
     Conn { peer: SocketAddr },
 }
@@ -96,10 +97,11 @@ impl Child {
         matches!(self.role, Role::Worker { .. })
     }
 
-    /// The scoreboard slot of a worker.
+    /// The scoreboard slot of a worker (`None`: a connection child, which
+    /// has none).
     pub fn slot(&self) -> Option<usize> {
         match self.role {
-            Role::Worker { slot, .. } => slot,
+            Role::Worker { slot, .. } => Some(slot),
             Role::Conn { .. } => None,
         }
     }
@@ -331,7 +333,7 @@ mod tests {
     fn worker(pid: i32, id: usize, generation: u64) -> Child {
         Child {
             pid: Pid::from_raw(pid),
-            role: Role::Worker { id, slot: None },
+            role: Role::Worker { id, slot: id },
             generation,
             spawned: Instant::now(),
             phase: Phase::Serving,
