@@ -554,7 +554,11 @@ impl Master {
             Ok(Fork::Parent(pid)) => {
                 let child = Child {
                     pid,
-                    role: Role::Worker { id, slot },
+                    role: Role::Worker {
+                        id,
+                        slot,
+                        timeout: self.config.worker_timeout,
+                    },
                     generation: self.generation,
                     spawned: Instant::now(),
                     phase: Phase::Serving,
@@ -795,8 +799,14 @@ impl Master {
         }
     }
 
-    /// Kills workers whose heartbeat is older than `worker_timeout`, and
-    /// retiring children past their drain deadline.
+    /// Kills workers whose heartbeat is older than their `worker_timeout`,
+    /// and retiring children past their drain deadline.
+    ///
+    /// Each worker is judged by the `worker_timeout` it was forked with (see
+    /// [`Role::Worker`]): its heartbeat period is a third of that timeout at
+    /// most, frozen at fork, so a reload that shortens `worker_timeout` must
+    /// not hold an old-generation worker, still draining at its old period,
+    /// to the new one.
     fn murder_workers(&mut self) {
         for pid in self.table.overdue(Instant::now()) {
             if let Some(c) = self.table.get_mut(pid) {
@@ -804,17 +814,16 @@ impl Master {
             }
             signals::send(pid, Signal::SIGKILL);
         }
-        let timeout = self.config.worker_timeout.as_millis() as u64;
-        if timeout == 0 {
-            return;
-        }
         let now = now_ms();
         let mut late = Vec::new();
         for c in self.table.iter() {
-            let Some(slot) = c.slot() else { continue };
+            let (Some(slot), Some(timeout)) = (c.slot(), c.heartbeat_timeout()) else {
+                continue;
+            };
             if matches!(c.phase, Phase::Killed(_)) {
                 continue;
             }
+            let timeout = timeout.as_millis() as u64;
             let beat = self.board.heartbeat(slot);
             let silent = if beat == 0 {
                 c.spawned.elapsed().as_millis() as u64
@@ -822,10 +831,10 @@ impl Master {
                 now.saturating_sub(beat)
             };
             if silent > timeout {
-                late.push((c.pid, silent));
+                late.push((c.pid, silent, timeout));
             }
         }
-        for (pid, silent) in late {
+        for (pid, silent, timeout) in late {
             if let Some(c) = self.table.get_mut(pid) {
                 log::warn!(
                     "{c}: no heartbeat for {silent} ms (worker_timeout {timeout} ms); killing it"

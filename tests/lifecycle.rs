@@ -779,3 +779,51 @@ fn stopped_worker_is_murdered_and_replaced() {
     }
     finish(e, &[]);
 }
+
+/// `reload_judges_old_workers_by_their_own_worker_timeout`: a reload that
+/// shortens `worker_timeout` (30 s → 900 ms) leaves the old generation's
+/// worker alone while it drains an idle client: that worker beats at the
+/// period it was forked with (once a second when idle), so the new
+/// config's timeout would find it silent for up to a second. For 3 s after
+/// the reload (the master woken every 50 ms by `SIGUSR2`, harmless, so
+/// that it looks at the heartbeats often) the old worker is not killed for
+/// a missed heartbeat and its client's connection still echoes; once the
+/// client closes, the old worker drains and exits.
+///
+/// Before each worker was judged by the timeout it was forked with, the
+/// old worker was killed within about a second of the reload and the
+/// client's connection dropped.
+#[test]
+fn reload_judges_old_workers_by_their_own_worker_timeout() {
+    let base = "workers = 1\nshutdown_timeout = \"60s\"\n";
+    let e = start(&format!("{base}worker_timeout = \"30s\""), 1);
+    let old = *load::live_workers(&e).keys().next().expect("a worker");
+    let mut client = connect(e.addr());
+    load::echo_on(&mut client, &payload(1, 100)).expect("echo before the reload");
+    let gen = reload(&e, &config(&format!("{base}worker_timeout = \"900ms\"")));
+    wait_gen_up(&e, gen, 1, STEP);
+    // Idle: a client that kept talking would make the old worker beat at
+    // every loop turn and hide the difference.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        kill(e.pid, libc::SIGUSR2);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let murdered = format!("(pid {old}, gen 1): no heartbeat");
+    assert!(!e.log().contains(&murdered), "{}", e.log());
+    assert!(
+        load::echod_alive(old),
+        "the draining worker {old} is gone\n{}",
+        e.log()
+    );
+    load::echo_on(&mut client, &payload(2, 100)).unwrap_or_else(|err| {
+        panic!(
+            "the draining worker's client lost its connection: {err}\n{}",
+            e.log()
+        )
+    });
+    drop(client);
+    wait_pool(&e, gen, 1, STEP);
+    assert!(!e.log().contains(&murdered), "{}", e.log());
+    finish(e, &[]);
+}
