@@ -777,11 +777,15 @@ impl Master {
             return;
         }
         if expected {
-            let why = match child.phase {
-                Phase::Killed(kill) => kill.describe(),
-                _ => " after draining",
-            };
-            log::info!("{child}: {exit}{why}");
+            // Told to go: a kill the master sent, or a drain. A drain ends
+            // in exit(0); anything else (a crash while draining, a kill from
+            // outside) is a failure to report, not the drain's end. No
+            // respawn either way: the worker was leaving.
+            match child.phase {
+                Phase::Killed(kill) => log::info!("{child}: {exit}{}", kill.describe()),
+                _ if exit.is_clean() => log::info!("{child}: {exit} after draining"),
+                _ => log::warn!("{child}: {exit} while draining"),
+            }
             return;
         }
         let respawn = child.generation == self.generation;

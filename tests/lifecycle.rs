@@ -827,3 +827,44 @@ fn reload_judges_old_workers_by_their_own_worker_timeout() {
     assert!(!e.log().contains(&murdered), "{}", e.log());
     finish(e, &[]);
 }
+
+/// `a_worker_dying_while_draining_is_reported_as_a_failure`: an
+/// old-generation worker that dies of a signal while it drains a client
+/// (here `SIGKILL` from outside; a `SIGSEGV` is the same to the master) is
+/// logged at `WARN` as killed "while draining", not at `INFO` as if it had
+/// finished its drain; the pool of the new generation is untouched.
+#[test]
+fn a_worker_dying_while_draining_is_reported_as_a_failure() {
+    let base = "workers = 1\nshutdown_timeout = \"60s\"\n";
+    let e = start(base, 1);
+    let old = *load::live_workers(&e).keys().next().expect("a worker");
+    let mut client = connect(e.addr());
+    load::echo_on(&mut client, &payload(3, 100)).expect("echo before the reload");
+    let gen = reload(&e, &config(&format!("{base}idle_timeout = \"120s\"")));
+    let new = wait_pool_and_old(&e, gen, old);
+    kill(old, libc::SIGKILL);
+    let needle = format!("(pid {old}, gen 1): killed by SIGKILL while draining");
+    assert!(e.wait_log(&needle, STEP), "no `{needle}`\n{}", e.log());
+    let line = e
+        .log()
+        .lines()
+        .find(|l| l.contains(&needle))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(!e.log().contains("after draining"), "{}", e.log());
+    assert_eq!(wait_pool(&e, gen, 1, STEP), new, "{}", e.log());
+    drop(client);
+    finish(e, &[]);
+}
+
+/// Waits until generation `gen` has its one worker up while the old
+/// worker `old` still drains; returns the pool of generation `gen`.
+fn wait_pool_and_old(e: &Echod, gen: u64, old: i32) -> BTreeMap<i32, u64> {
+    wait_gen_up(e, gen, 1, STEP);
+    assert!(load::echod_alive(old), "{old} left early\n{}", e.log());
+    load::live_workers(e)
+        .into_iter()
+        .filter(|&(_, g)| g == gen)
+        .collect()
+}
