@@ -85,7 +85,9 @@ pub struct Master {
     backoff: Backoff,
     pid: Pid,
     pidfile: Option<PidFile>,
-    /// Fork mode: accepting is paused until then.
+    /// Fork mode: accepting is paused until then (after `EMFILE`, a failed
+    /// fork...). Only a future instant means anything: `wait` ignores a
+    /// past one, and a stop or a reload clears it.
     accept_paused_until: Option<Instant>,
     /// The code to exit with once stopped.
     exit_code: i32,
@@ -232,7 +234,11 @@ impl Master {
                 until = until.min(t);
             }
         }
-        if let Some(t) = self.accept_paused_until {
+        // A pause already over is no deadline: `fork_accepting` clears it,
+        // but only while running in fork mode, and a past instant here would
+        // make every poll return at once (a master spinning at 100% CPU
+        // through a whole drain).
+        if let Some(t) = self.accept_paused_until.filter(|&t| t > now) {
             until = until.min(t);
         }
         let timeout = until.saturating_duration_since(now);
@@ -393,6 +399,9 @@ impl Master {
         self.generation += 1;
         self.wanted = self.config.workers;
         self.backoff.reset();
+        // A new generation starts accepting afresh (and a reload to
+        // prefork mode accepts nothing in the master).
+        self.accept_paused_until = None;
         self.credentials = credentials;
         self.awaiting_ready = true;
         log::info!(
@@ -449,6 +458,8 @@ impl Master {
     fn begin_stop(&mut self, graceful: bool) {
         self.state = State::Stopping { graceful };
         self.notifier.stopping();
+        // Nothing is accepted any more.
+        self.accept_paused_until = None;
         // The master's descriptors go now; the workers close theirs as
         // they drain or die. After a fast stop the sockets are also shut
         // down once the children are reaped; sockets systemd passed are
