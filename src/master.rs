@@ -51,8 +51,15 @@ enum State {
 const TICK: Duration = Duration::from_secs(1);
 /// The shorter tick while a recycle or a new generation is coming up.
 const BUSY_TICK: Duration = Duration::from_millis(50);
-/// Accept pause in fork mode after `EMFILE`/`ENFILE` or a failed fork.
+/// Accept pause in fork mode after `EMFILE`/`ENFILE`, another failed
+/// `accept`, or a failed fork.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Fork mode: at most this many connections are accepted from one
+/// listener per wake-up. The listeners are polled level-triggered, so what
+/// is left in a queue wakes the next poll at once; in between, the master
+/// looks at its signals and reaps, and a busy listener cannot starve the
+/// others.
+const ACCEPT_BATCH: usize = 64;
 
 /// Why the master could not start.
 #[derive(Debug, thiserror::Error)]
@@ -610,11 +617,12 @@ impl Master {
         }
     }
 
-    /// Fork mode: accepts until the queue is empty or the cap is reached,
-    /// forking one child per connection.
+    /// Fork mode: accepts until each queue is empty, [`ACCEPT_BATCH`]
+    /// connections from each listener, the cap, or an error that pauses
+    /// accepting; forks one child per connection.
     fn accept_connections(&mut self) {
         for i in 0..self.listeners.len() {
-            loop {
+            for _ in 0..ACCEPT_BATCH {
                 let full = self.table.connection_children() >= self.config.max_connections;
                 if full && self.config.overload == Overload::Wait {
                     // Clients wait in the backlog until a child exits.
@@ -637,12 +645,22 @@ impl Master {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                        log::warn!("accept: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
+                    // That one connection is gone (reset before it was
+                    // accepted, or a network error accept(2) passes on for
+                    // it): the queue may hold more.
+                    Err(e) if is_connection_error(&e) => log::debug!("accept: {e}"),
+                    // Out of descriptors (EMFILE, ENFILE) or kernel memory
+                    // (ENOBUFS, ENOMEM), or anything unexpected: the next
+                    // accept would fail the same way, and the level-triggered
+                    // poll would report the listener readable at once.
+                    Err(e) => {
+                        log::warn!(
+                            "accept on {}: {e}; pausing accepts for {ACCEPT_PAUSE:?}",
+                            self.listeners[i].local
+                        );
                         self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                         return;
                     }
-                    Err(e) => log::debug!("accept: {e}"),
                 }
             }
         }
@@ -984,6 +1002,27 @@ impl Master {
         }
         None
     }
+}
+
+/// Whether an `accept` error concerns only the connection it was about to
+/// return (accept(2): Linux passes on the new connection's pending network
+/// errors, and a firewall may refuse it), so the next one may succeed.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
 }
 
 fn mode_name(m: Mode) -> &'static str {
