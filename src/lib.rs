@@ -39,7 +39,7 @@
 //! | master's signal pipe | yes | closed after fork | closed after fork |
 //! | worker's signal pipe + epoll | — | its own | — |
 //! | doorbell of accept balancing (an `eventfd`) | yes (made before the first fork) | yes, until it drains | closed after fork |
-//! | client connections | never (fork mode: closed right after fork) | its own only | its own only |
+//! | client connections | fork mode: each closed right after its fork; one whose fork failed is held until a retry forks for it, accepting nothing meanwhile | its own only | its own only |
 //! | pid file (flock) | yes | closed after fork | closed after fork |
 //! | sd_notify socket, daemon readiness pipe | yes | closed after fork | closed after fork |
 //! | log file / syslog socket | yes | inherited (one `write` per line) | inherited |

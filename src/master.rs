@@ -72,6 +72,21 @@ pub enum MasterError {
     Scoreboard(nix::Error),
 }
 
+/// Fork mode: an accepted connection whose fork failed.
+///
+/// A failed fork (`EAGAIN` at a process limit, `ENOMEM`) is usually short
+/// lived, and the client has done nothing wrong: the master keeps the
+/// connection and forks for it again after [`ACCEPT_PAUSE`], accepting
+/// nothing meanwhile (the next clients wait in the listen backlog, as at
+/// `max_connections`). It is closed only when the master stops, or when a
+/// reload switches to prefork mode.
+struct Held {
+    stream: TcpStream,
+    peer: SocketAddr,
+    /// How many forks failed for it so far (at least 1).
+    failures: u32,
+}
+
 /// The supervisor.
 pub struct Master {
     /// The config in force (the current generation's).
@@ -96,6 +111,11 @@ pub struct Master {
     /// fork...). Only a future instant means anything: `wait` ignores a
     /// past one, and a stop or a reload clears it.
     accept_paused_until: Option<Instant>,
+    /// Fork mode: the connection whose child could not be forked, tried
+    /// again when the accept pause is over (see [`Held`]). Invariant:
+    /// `Some` only while running in fork mode; nothing else is accepted
+    /// meanwhile, and no child inherits it.
+    held: Option<Held>,
     /// The code to exit with once stopped.
     exit_code: i32,
     /// sd_notify, when a service manager listens.
@@ -175,6 +195,7 @@ impl Master {
             pid,
             pidfile,
             accept_paused_until: None,
+            held: None,
             exit_code: exit_code::OK,
             notifier: Notifier::from_env(),
             readiness,
@@ -229,8 +250,12 @@ impl Master {
 
     /// Polls the signal pipe (and, in fork mode with room for children, the
     /// listeners) until something happens or the next timer. Returns whether
-    /// a listener is readable.
+    /// to accept: a listener is readable, or a held connection is due.
     fn wait(&mut self) -> bool {
+        let accepting = self.fork_accepting();
+        // A held connection is forked for again as soon as accepting
+        // resumes: the poll only looks at the signals then.
+        let retry = accepting && self.held.is_some();
         let now = Instant::now();
         let mut until = now + self.tick();
         if let Some(t) = self.table.next_deadline() {
@@ -248,8 +273,11 @@ impl Master {
         if let Some(t) = self.accept_paused_until.filter(|&t| t > now) {
             until = until.min(t);
         }
-        let timeout = until.saturating_duration_since(now);
-        let accepting = self.fork_accepting();
+        let timeout = if retry {
+            Duration::ZERO
+        } else {
+            until.saturating_duration_since(now)
+        };
         let Some(signals) = self.signals.as_ref() else {
             return false;
         };
@@ -264,15 +292,16 @@ impl Master {
         let ms = timeout.as_millis().min(60_000) as u16;
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(_) => {
-                accepting
-                    && fds[1..]
-                        .iter()
-                        .any(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                retry
+                    || accepting
+                        && fds[1..]
+                            .iter()
+                            .any(|f| f.revents().is_some_and(|r| !r.is_empty()))
             }
-            Err(nix::errno::Errno::EINTR) => false,
+            Err(nix::errno::Errno::EINTR) => retry,
             Err(e) => {
                 log::error!("poll: {e}");
-                false
+                retry
             }
         }
     }
@@ -407,8 +436,14 @@ impl Master {
         self.wanted = self.config.workers;
         self.backoff.reset();
         // A new generation starts accepting afresh (and a reload to
-        // prefork mode accepts nothing in the master).
+        // prefork mode accepts nothing in the master). A held connection
+        // is tried again at once in fork mode; in prefork mode the master
+        // has no way to hand it over, and it would be inherited by every
+        // worker forked next.
         self.accept_paused_until = None;
+        if self.config.mode != Mode::Fork {
+            self.drop_held("the new config is prefork mode");
+        }
         self.credentials = credentials;
         self.awaiting_ready = true;
         log::info!(
@@ -465,8 +500,10 @@ impl Master {
     fn begin_stop(&mut self, graceful: bool) {
         self.state = State::Stopping { graceful };
         self.notifier.stopping();
-        // Nothing is accepted any more.
+        // Nothing is accepted any more; a held connection goes as the
+        // queued ones do.
         self.accept_paused_until = None;
+        self.drop_held("the master stops");
         // The master's descriptors go now; the workers close theirs as
         // they drain or die. After a fast stop the sockets are also shut
         // down once the children are reaped; sockets systemd passed are
@@ -588,7 +625,8 @@ impl Master {
                 // FORK (prefork worker):
                 // - child closes: the master's signal pipe (its handlers are
                 //   unregistered too, and the worker installs its own), the
-                //   pid-file lock. It keeps the listeners (accepting on them
+                //   pid-file lock, a client connection held for a fork retry
+                //   (never there in prefork mode: see `held`). It keeps the listeners (accepting on them
                 //   is its job) and the doorbell of accept balancing, an
                 //   eventfd that, like the listeners, every worker shares.
                 // - parent closes: nothing; it keeps the listeners for the
@@ -617,10 +655,37 @@ impl Master {
         }
     }
 
-    /// Fork mode: accepts until each queue is empty, [`ACCEPT_BATCH`]
-    /// connections from each listener, the cap, or an error that pauses
-    /// accepting; forks one child per connection.
+    /// Fork mode: forks for the held connection, if any; then accepts
+    /// until each queue is empty, [`ACCEPT_BATCH`] connections from each
+    /// listener, the cap, or an error or failed fork that pauses accepting;
+    /// forks one child per connection.
     fn accept_connections(&mut self) {
+        if let Some(Held {
+            stream,
+            peer,
+            failures,
+        }) = self.held.take()
+        {
+            let full = self.table.connection_children() >= self.config.max_connections;
+            if full && self.config.overload == Overload::Wait {
+                self.held = Some(Held {
+                    stream,
+                    peer,
+                    failures,
+                });
+                return;
+            }
+            if full {
+                // A reload lowered max_connections meanwhile.
+                drop(stream);
+                self.log_refusal(peer, "max_connections reached (overload = \"reject\")");
+            } else {
+                self.fork_connection(stream, peer, failures);
+                if self.held.is_some() {
+                    return;
+                }
+            }
+        }
         for i in 0..self.listeners.len() {
             for _ in 0..ACCEPT_BATCH {
                 let full = self.table.connection_children() >= self.config.max_connections;
@@ -640,7 +705,12 @@ impl Master {
                             drop(stream);
                             self.log_refusal(peer, "max_connections_per_ip reached");
                         } else {
-                            self.fork_connection(stream, peer);
+                            self.fork_connection(stream, peer, 0);
+                            if self.held.is_some() {
+                                // The fork failed: accept nothing more
+                                // until the held connection has its child.
+                                return;
+                            }
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -666,6 +736,17 @@ impl Master {
         }
     }
 
+    /// Closes the held connection, if any, saying why.
+    fn drop_held(&mut self, why: &str) {
+        if let Some(h) = self.held.take() {
+            log::warn!(
+                "closing the connection from {}, which waited for a child after {} failed forks: {why}",
+                h.peer,
+                h.failures
+            );
+        }
+    }
+
     /// Logs a refused connection at most once a second per address.
     fn log_refusal(&mut self, peer: SocketAddr, why: &str) {
         let now = Instant::now();
@@ -683,17 +764,37 @@ impl Master {
         }
     }
 
-    /// Fork mode: one child for one connection.
-    fn fork_connection(&mut self, stream: TcpStream, peer: SocketAddr) {
+    /// Fork mode: one child for one connection. `failures`: how many forks
+    /// already failed for it. On failure the connection is held (see
+    /// [`Held`]) and accepting pauses.
+    fn fork_connection(&mut self, stream: TcpStream, peer: SocketAddr, failures: u32) {
         match process::fork() {
             Err(e) => {
-                log::error!("fork: {e}; closing the connection from {peer}");
+                let failures = failures + 1;
+                if failures == 1 {
+                    log::error!(
+                        "fork: {e}; holding the connection from {peer} to try again in {ACCEPT_PAUSE:?}, accepting none meanwhile"
+                    );
+                } else if failures % 10 == 0 {
+                    log::warn!(
+                        "fork: {e}; the connection from {peer} still waits for a child ({failures} tries)"
+                    );
+                } else {
+                    log::debug!("fork: {e}; the connection from {peer} waits ({failures} tries)");
+                }
+                self.held = Some(Held {
+                    stream,
+                    peer,
+                    failures,
+                });
                 self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
             }
             Ok(Fork::Parent(pid)) => {
                 // FORK (parent side): the connection belongs to the child
-                // now; the master closes its descriptor at once, so it never
-                // holds a client connection and no later child inherits it.
+                // now; the master closes its descriptor at once, so no later
+                // child inherits it. The only client connection the master
+                // ever holds longer is one whose fork failed (`held`), and
+                // it forks nothing else meanwhile.
                 drop(stream);
                 let child = Child {
                     pid,
@@ -702,7 +803,11 @@ impl Master {
                     spawned: Instant::now(),
                     phase: Phase::Serving,
                 };
-                log::debug!("{child}: spawned");
+                if failures > 0 {
+                    log::info!("{child}: spawned after {failures} failed forks");
+                } else {
+                    log::debug!("{child}: spawned");
+                }
                 self.table.insert(child);
                 *self.per_ip.entry(peer.ip()).or_insert(0) += 1;
             }
@@ -712,8 +817,9 @@ impl Master {
                 //   that held them would keep the ports open after the
                 //   master closed them at a reload or stop, and could accept
                 //   connections it must not serve), the master's signal
-                //   pipe, the pid-file lock, the workers' doorbell. It keeps
-                //   only its connection.
+                //   pipe, the pid-file lock, the workers' doorbell, a client
+                //   connection held for a fork retry (never another than its
+                //   own: see `held`). It keeps only its connection.
                 // - parent closes: the connection (above).
                 // - copy-on-write shares: the config snapshot, read-only;
                 //   the master's tables, never read here.
@@ -744,6 +850,11 @@ impl Master {
             }
         }
         process::after_fork_in_child(self.pid);
+        // A connection held for a fork retry is never there at a fork (the
+        // master forks nothing else while it holds one, and a reload to
+        // prefork mode closes it); closing it here keeps that true for any
+        // future caller.
+        self.held = None;
         // Dropping the pipe unregisters the master's handlers.
         self.signals = None;
         if let Some(p) = self.pidfile.take() {
