@@ -66,6 +66,19 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let daemonize = cli.daemon || config.daemon;
+    // The daemon changes to `/`, and re-reads the config at every reload:
+    // a relative `--config` must be resolved against the directory it was
+    // given in, now.
+    let config_path = match cli.config.as_deref() {
+        Some(p) if daemonize => match std::path::absolute(p) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("echod: {}: {e}", p.display());
+                return ExitCode::from(EX_CONFIG);
+            }
+        },
+        p => p.map(Into::into),
+    };
     let mut readiness = Readiness::none();
     if daemonize {
         // Returns in the daemon only; the launcher exits with its report.
@@ -135,7 +148,7 @@ fn main() -> ExitCode {
     }
     let setup = Setup {
         config,
-        config_path: cli.config.clone(),
+        config_path,
         listeners,
         activated,
         readiness,

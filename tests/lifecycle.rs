@@ -933,3 +933,87 @@ fn sigterm_after_an_accept_pause_does_not_spin() {
     drop(a);
     finish(e, &[]);
 }
+
+/// Kills a daemonized master and its descendants, by pid, on drop (the
+/// daemon is not this test's child: [`Echod`] cannot hold it).
+struct DaemonGuard(i32);
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        if common::alive(self.0) && common::comm(self.0).is_some_and(|c| c.starts_with("echod")) {
+            let all = common::descendants(self.0);
+            kill(self.0, libc::SIGKILL);
+            for p in all {
+                kill(p, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Runs the `--daemon` launcher with `args` in `dir` and waits (at most
+/// `limit`) for it to exit; returns its exit code and stderr.
+fn run_launcher(dir: &std::path::Path, args: &[&str], limit: Duration) -> (Option<i32>, String) {
+    let mut launcher = common::echod_command()
+        .args(args)
+        .current_dir(dir)
+        .spawn()
+        .expect("spawn the launcher");
+    let mut status = None;
+    let exited = wait_until(limit, || {
+        status = launcher.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if !exited {
+        kill(launcher.id() as i32, libc::SIGKILL);
+        let _ = launcher.wait();
+        panic!("the launcher {args:?} did not exit within {limit:?}");
+    }
+    let mut err = String::new();
+    let _ = launcher.stderr.take().unwrap().read_to_string(&mut err);
+    (status.and_then(|s| s.code()), err)
+}
+
+/// `daemon_reloads_a_config_given_by_a_relative_path`: `echod --daemon -c
+/// echod.toml`, started in the config's directory, reloads on `SIGHUP`
+/// although the daemon works in `/`: the launcher resolved the path before
+/// detaching. Then `SIGTERM` stops it and removes its pid file.
+///
+/// Before, every reload of such a daemon failed with "echod.toml: No such
+/// file or directory".
+#[test]
+fn daemon_reloads_a_config_given_by_a_relative_path() {
+    let dir = common::TempDir::new("daemon-relative");
+    let pidfile = dir.path("echod.pid");
+    let logfile = dir.path("echod.log");
+    let text = |workers: usize| {
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nworkers = {workers}\npid_file = \"{}\"\n\
+             [log]\ntarget = \"file\"\nfile = \"{}\"\nlevel = \"info\"\n",
+            pidfile.display(),
+            logfile.display()
+        )
+    };
+    std::fs::write(dir.path("echod.toml"), text(1)).unwrap();
+    let (code, err) = run_launcher(&dir.0, &["--daemon", "-c", "echod.toml"], STEP);
+    assert_eq!(code, Some(0), "{err}");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("the pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let _guard = DaemonGuard(pid);
+    let log = || std::fs::read_to_string(&logfile).unwrap_or_default();
+    std::fs::write(dir.path("echod.toml"), text(2)).unwrap();
+    kill(pid, libc::SIGHUP);
+    assert!(
+        wait_until(STEP, || log().contains("reload: generation 2 starts")
+            || log().contains("reload failed")),
+        "{}",
+        log()
+    );
+    assert!(log().contains("reload: generation 2 starts"), "{}", log());
+    kill(pid, libc::SIGTERM);
+    assert!(wait_until(STEP, || !common::alive(pid)), "{}", log());
+    assert!(!pidfile.exists(), "{}", log());
+    assert!(!log().contains(" ERROR "), "{}", log());
+}
