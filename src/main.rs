@@ -159,8 +159,8 @@ fn main() -> ExitCode {
     match Master::new(setup) {
         Ok(master) => ExitCode::from(master.run() as u8),
         Err(e) => {
-            // The launcher learns of it when the readiness pipe closes
-            // unreported; say why here too.
+            // Master::new reported it to a waiting launcher; say why here
+            // too.
             log::error!("{e}");
             eprintln!("echod: {e}");
             ExitCode::from(1)

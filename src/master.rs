@@ -172,14 +172,23 @@ impl Master {
             config_path,
             listeners,
             activated,
-            readiness,
+            mut readiness,
             credentials,
             daemonized,
             pidfile,
         } = setup;
         let sigs: Vec<i32> = MASTER_SIGNALS.iter().map(|s| s.signal).collect();
-        let signals = SignalPipe::new(&sigs).map_err(MasterError::Signals)?;
-        let board = Scoreboard::new().map_err(MasterError::Scoreboard)?;
+        let resources = SignalPipe::new(&sigs)
+            .map_err(MasterError::Signals)
+            .and_then(|s| Ok((s, Scoreboard::new().map_err(MasterError::Scoreboard)?)));
+        let (signals, board) = match resources {
+            Ok(r) => r,
+            Err(e) => {
+                // A waiting `--daemon` launcher prints this and exits 1.
+                readiness.failed(1, &e.to_string());
+                return Err(e);
+            }
+        };
         let pid = nix::unistd::getpid();
         Ok(Master {
             wanted: config.workers,
@@ -909,7 +918,11 @@ impl Master {
             return;
         }
         if exit == Exit::Code(exit_code::FATAL) {
-            log::error!("{child}: cannot start ({exit}); stopping echod");
+            let message = format!("{child}: cannot start ({exit}); stopping echod");
+            log::error!("{message}");
+            // A `--daemon` launcher still waiting for "ready" prints this
+            // and exits 1 (after "ready", the report is spent: no-op).
+            self.readiness.failed(exit_code::FAILURE as u8, &message);
             self.exit_code = exit_code::FAILURE;
             if self.state == State::Running {
                 self.begin_stop(true);

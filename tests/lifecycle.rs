@@ -1017,3 +1017,71 @@ fn daemon_reloads_a_config_given_by_a_relative_path() {
     assert!(!pidfile.exists(), "{}", log());
     assert!(!log().contains(" ERROR "), "{}", log());
 }
+
+/// `daemon_launcher_gives_up_on_a_pool_that_never_comes_up`: workers that
+/// die at start (test hook `ECHOD_TEST_WORKER_CRASH`) keep a daemon from
+/// ever being ready; the launcher does not wait forever: at its limit
+/// (shortened to 1.5 s by the test hook `ECHOD_TEST_READY_TIMEOUT_MS`; 60 s
+/// otherwise) it stops the daemon, exits 1 saying it was not ready, and
+/// leaves no echod process and no pid file behind.
+///
+/// Before, the launcher waited on the readiness pipe with no limit.
+#[test]
+fn daemon_launcher_gives_up_on_a_pool_that_never_comes_up() {
+    let dir = common::TempDir::new("daemon-unready");
+    let pidfile = dir.path("echod.pid");
+    let logfile = dir.path("echod.log");
+    let cfg = dir.path("echod.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nworkers = 1\npid_file = \"{}\"\n\
+             [log]\ntarget = \"file\"\nfile = \"{}\"\nlevel = \"info\"\n",
+            pidfile.display(),
+            logfile.display()
+        ),
+    )
+    .unwrap();
+    let mut launcher = common::echod_command();
+    launcher
+        .args(["--daemon", "--config"])
+        .arg(&cfg)
+        .env("ECHOD_TEST_WORKER_CRASH", "1")
+        .env("ECHOD_TEST_READY_TIMEOUT_MS", "1500");
+    let t0 = Instant::now();
+    let mut child = launcher.spawn().expect("spawn the launcher");
+    let mut status = None;
+    let exited = wait_until(Duration::from_secs(30), || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    // Whatever happens below, the daemon dies (its pid is in its pid file
+    // while it runs).
+    let _guard = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .map(DaemonGuard);
+    if !exited {
+        kill(child.id() as i32, libc::SIGKILL);
+        let _ = child.wait();
+        panic!("the launcher still waits after 30 s");
+    }
+    let took = t0.elapsed();
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    let log = std::fs::read_to_string(&logfile).unwrap_or_default();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}\n{log}");
+    assert!(
+        err.contains("was not ready within 1.5s") && err.contains("stopped it"),
+        "{err}\n{log}"
+    );
+    assert!(took >= Duration::from_millis(1500), "{took:?}: {err}");
+    let pid: i32 = err
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next()?.parse().ok())
+        .expect("the daemon's pid in the message");
+    assert!(!common::alive(pid), "the daemon {pid} still runs\n{log}");
+    assert!(!pidfile.exists(), "{log}");
+    assert!(log.contains("respawning in"), "no crash loop?\n{log}");
+}
