@@ -141,7 +141,7 @@ fn main() -> ExitCode {
         let seat = worker::Seat {
             board: &board,
             slot,
-            master: None,
+            bell: None,
         };
         let code = worker::run(listeners, &config, seat);
         return ExitCode::from(code as u8);

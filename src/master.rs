@@ -5,7 +5,8 @@
 //! the master accepts and hands each connection to a new child at once.
 //!
 //! Owns: the listeners (the reference copies every generation inherits),
-//! the signal pipe, the scoreboard mapping and the pid file. Signals: the
+//! the signal pipe, the bell workers ring ([`crate::signals::Bell`]), the
+//! scoreboard mapping and the pid file. Signals: the
 //! whole table in [`crate::signals::MASTER_SIGNALS`].
 //!
 //! The loop (like gunicorn's `Arbiter.run`): wait on the signal pipe (and,
@@ -32,7 +33,7 @@ use crate::pidfile::PidFile;
 use crate::process::Credentials;
 use crate::process::{self, exit_code, Exit, Fork};
 use crate::scoreboard::{now_ms, Scoreboard};
-use crate::signals::{self, Action, SignalPipe, MASTER_SIGNALS};
+use crate::signals::{self, Action, Bell, SignalPipe, MASTER_SIGNALS};
 use crate::workers::{Backoff, Child, Kill, Phase, Role, WorkerTable};
 
 /// The master's lifecycle.
@@ -67,6 +68,9 @@ pub enum MasterError {
     /// The signal handlers could not be installed.
     #[error("signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The bell workers ring could not be made.
+    #[error("bell eventfd: {0}")]
+    Bell(std::io::Error),
     /// The shared scoreboard could not be mapped.
     #[error("scoreboard mmap: {0}")]
     Scoreboard(nix::Error),
@@ -97,6 +101,10 @@ pub struct Master {
     listeners: Vec<Listener>,
     /// The self-pipe; `None` only in a child, which dropped it after fork.
     signals: Option<SignalPipe>,
+    /// The bell a worker rings to ask for recycling: made before the first
+    /// fork, polled here, inherited by every worker. `None` only in a
+    /// connection child, which closes it after fork.
+    bell: Option<Bell>,
     board: Scoreboard,
     table: WorkerTable,
     /// The current generation: 1 at start, +1 per successful reload.
@@ -180,8 +188,9 @@ impl Master {
         let sigs: Vec<i32> = MASTER_SIGNALS.iter().map(|s| s.signal).collect();
         let resources = SignalPipe::new(&sigs)
             .map_err(MasterError::Signals)
-            .and_then(|s| Ok((s, Scoreboard::new().map_err(MasterError::Scoreboard)?)));
-        let (signals, board) = match resources {
+            .and_then(|s| Ok((s, Bell::new().map_err(MasterError::Bell)?)))
+            .and_then(|(s, b)| Ok((s, b, Scoreboard::new().map_err(MasterError::Scoreboard)?)));
+        let (signals, bell, board) = match resources {
             Ok(r) => r,
             Err(e) => {
                 // A waiting `--daemon` launcher prints this and exits 1.
@@ -196,6 +205,7 @@ impl Master {
             config_path,
             listeners,
             signals: Some(signals),
+            bell: Some(bell),
             board,
             table: WorkerTable::default(),
             generation: 1,
@@ -291,6 +301,10 @@ impl Master {
             return false;
         };
         let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        if let Some(bell) = &self.bell {
+            fds.push(PollFd::new(bell.as_fd(), PollFlags::POLLIN));
+        }
+        let first_listener = fds.len();
         if accepting {
             fds.extend(
                 self.listeners
@@ -301,11 +315,18 @@ impl Master {
         let ms = timeout.as_millis().min(60_000) as u16;
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(_) => {
-                retry
-                    || accepting
-                        && fds[1..]
-                            .iter()
-                            .any(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                let rung = first_listener > 1 && fds[1].revents().is_some_and(|r| !r.is_empty());
+                let readable = fds[first_listener..]
+                    .iter()
+                    .any(|f| f.revents().is_some_and(|r| !r.is_empty()));
+                if rung {
+                    // recycle_workers runs every turn of the loop: the
+                    // bell only woke it.
+                    if let Some(bell) = &self.bell {
+                        bell.clear();
+                    }
+                }
+                retry || accepting && readable
             }
             Err(nix::errno::Errno::EINTR) => retry,
             Err(e) => {
@@ -635,9 +656,12 @@ impl Master {
                 // - child closes: the master's signal pipe (its handlers are
                 //   unregistered too, and the worker installs its own), the
                 //   pid-file lock, a client connection held for a fork retry
-                //   (never there in prefork mode: see `held`). It keeps the listeners (accepting on them
-                //   is its job) and the doorbell of accept balancing, an
-                //   eventfd that, like the listeners, every worker shares.
+                //   (never there in prefork mode: see `held`). It keeps the
+                //   listeners (accepting on them is its job), the doorbell
+                //   of accept balancing, an eventfd that, like the
+                //   listeners, every worker shares, and the master's bell,
+                //   an eventfd it rings to ask for recycling (a signal would
+                //   need the master's uid: see signals::Bell).
                 // - parent closes: nothing; it keeps the listeners for the
                 //   next workers and generations.
                 // - copy-on-write shares: the config snapshot and the
@@ -656,7 +680,7 @@ impl Master {
                 let seat = crate::worker::Seat {
                     board: &self.board,
                     slot,
-                    master: Some(self.pid),
+                    bell: self.bell.as_ref().map(AsFd::as_fd),
                 };
                 let code = crate::worker::run(listeners, &self.config, seat);
                 std::process::exit(code);
@@ -826,9 +850,10 @@ impl Master {
                 //   that held them would keep the ports open after the
                 //   master closed them at a reload or stop, and could accept
                 //   connections it must not serve), the master's signal
-                //   pipe, the pid-file lock, the workers' doorbell, a client
-                //   connection held for a fork retry (never another than its
-                //   own: see `held`). It keeps only its connection.
+                //   pipe, the pid-file lock, the workers' doorbell, the
+                //   master's bell, a client connection held for a fork retry
+                //   (never another than its own: see `held`). It keeps only
+                //   its connection.
                 // - parent closes: the connection (above).
                 // - copy-on-write shares: the config snapshot, read-only;
                 //   the master's tables, never read here.
@@ -837,6 +862,7 @@ impl Master {
                 self.become_child(format!("conn gen {}", self.generation), "echod-conn");
                 self.listeners.clear();
                 self.board.close_doorbell();
+                self.bell = None;
                 let code = crate::conn::serve(stream, peer, &self.config);
                 std::process::exit(code);
             }

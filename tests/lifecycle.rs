@@ -1085,3 +1085,40 @@ fn daemon_launcher_gives_up_on_a_pool_that_never_comes_up() {
     assert!(!pidfile.exists(), "{log}");
     assert!(log.contains("respawning in"), "no crash loop?\n{log}");
 }
+
+/// `recycling_asks_the_master_across_users`: with `user = "nobody"` (echod
+/// started as root), a worker that reaches `max_requests_per_worker` asks
+/// the root master to recycle it without a failing `kill` (a process may
+/// signal only its own uid's): the worker is replaced, and the log holds
+/// no `WARN` line. Needs root; skipped otherwise.
+///
+/// Before, the worker signalled the master (`SIGUSR2`) and every recycle
+/// logged `kill(..., SIGUSR2): EPERM` at `WARN`.
+#[test]
+fn recycling_asks_the_master_across_users() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: recycling_asks_the_master_across_users needs root");
+        return;
+    }
+    let e = start(
+        "workers = 1\nmax_requests_per_worker = 3\nuser = \"nobody\"\ngroup = \"nogroup\"",
+        1,
+    );
+    let first = *load::live_workers(&e).keys().next().expect("a worker");
+    for i in 0..3 {
+        echo_once(e.addr(), &payload(i, 100));
+    }
+    let needle = format!("(pid {first}, gen 1): recycled; its replacement is up");
+    assert!(e.wait_log(&needle, STEP), "no `{needle}`\n{}", e.log());
+    assert!(
+        wait_until(STEP, || !load::live_workers(&e).contains_key(&first)),
+        "{}",
+        e.log()
+    );
+    wait_pool(&e, 1, 1, STEP);
+    echo_once(e.addr(), b"after the recycle");
+    let log = e.log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert!(warnings.is_empty(), "{warnings:#?}\n{log}");
+    finish(e, &[]);
+}
