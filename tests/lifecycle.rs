@@ -1096,6 +1096,7 @@ fn daemon_launcher_gives_up_on_a_pool_that_never_comes_up() {
 /// logged `kill(..., SIGUSR2): EPERM` at `WARN`.
 #[test]
 fn recycling_asks_the_master_across_users() {
+    // SAFETY: geteuid(2) takes no argument and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIP: recycling_asks_the_master_across_users needs root");
         return;

@@ -707,6 +707,7 @@ fn read_byte(s: &mut TcpStream, limit: Duration) -> std::io::Result<Option<u8>> 
 fn fork_failure_holds_the_connection() {
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid(2) takes no argument and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIP: fork_failure_holds_the_connection needs root");
         return;
