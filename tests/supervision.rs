@@ -811,9 +811,9 @@ fn fork_failure_holds_the_connection() {
     drop(b);
     assert_eq!(read_byte(&mut c, step).unwrap(), Some(b'c'), "{}", e.log());
     // D is held (C's child uses the second process) when SIGTERM comes.
+    let held = e.log().matches("holding the connection from").count() + 1;
     let mut d = connect(addr);
     d.write_all(b"d").unwrap();
-    let held = e.log().matches("holding the connection from").count() + 1;
     assert!(
         wait_until(step, || e
             .log()
