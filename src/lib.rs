@@ -40,7 +40,8 @@
 //! | master's signal pipe | yes | closed after fork | closed after fork |
 //! | worker's signal pipe + epoll | — | its own | — |
 //! | doorbell of accept balancing (an `eventfd`) | yes (made before the first fork) | yes, until it drains | closed after fork |
-//! | client connections | never (fork mode: closed right after fork) | its own only | its own only |
+//! | master's bell (an `eventfd` a worker rings to ask for recycling; a signal would need the master's uid) | yes (made before the first fork; polled) | yes (only rings it) | closed after fork |
+//! | client connections | fork mode: each closed right after its fork; one whose fork failed is held until a retry forks for it, accepting nothing meanwhile | its own only | its own only |
 //! | pid file (flock) | yes | closed after fork | closed after fork |
 //! | sd_notify socket, daemon readiness pipe | yes | closed after fork | closed after fork |
 //! | log file / syslog socket | yes | inherited (one `write` per line) | inherited |

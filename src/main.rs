@@ -64,6 +64,19 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let daemonize = cli.daemon || config.daemon;
+    // The file this start read, absolute: a reload re-reads that very
+    // file, even after `--daemon` changed the working directory to /, and
+    // fails if it has gone rather than fall back to the defaults.
+    let config_path = match &source {
+        Source::File(p) => match std::path::absolute(p) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("echod: {}: {e}", p.display());
+                return ExitCode::from(EX_CONFIG);
+            }
+        },
+        Source::BuiltIn => None,
+    };
     let mut readiness = Readiness::none();
     if daemonize {
         // Returns in the daemon only; the launcher exits with its report.
@@ -126,20 +139,14 @@ fn main() -> ExitCode {
         let seat = worker::Seat {
             board: &board,
             slot,
-            master: None,
+            bell: None,
         };
         let code = worker::run(listeners, &config, seat);
         return ExitCode::from(code as u8);
     }
     let setup = Setup {
         config,
-        // The file this start read, absolute: a reload re-reads that very
-        // file, even after `--daemon` changed the working directory to /,
-        // and fails if it has gone rather than fall back to the defaults.
-        config_path: match &source {
-            Source::File(path) => Some(std::path::absolute(path).unwrap_or_else(|_| path.clone())),
-            Source::BuiltIn => None,
-        },
+        config_path,
         listeners,
         activated,
         readiness,
@@ -150,8 +157,8 @@ fn main() -> ExitCode {
     match Master::new(setup) {
         Ok(master) => ExitCode::from(master.run() as u8),
         Err(e) => {
-            // The launcher learns of it when the readiness pipe closes
-            // unreported; say why here too.
+            // Master::new reported it to a waiting launcher; say why here
+            // too.
             log::error!("{e}");
             eprintln!("echod: {e}");
             ExitCode::from(1)

@@ -5,7 +5,8 @@
 //! the master accepts and hands each connection to a new child at once.
 //!
 //! Owns: the listeners (the reference copies every generation inherits),
-//! the signal pipe, the scoreboard mapping and the pid file. Signals: the
+//! the signal pipe, the bell workers ring ([`crate::signals::Bell`]), the
+//! scoreboard mapping and the pid file. Signals: the
 //! whole table in [`crate::signals::MASTER_SIGNALS`].
 //!
 //! The loop (like gunicorn's `Arbiter.run`): wait on the signal pipe (and,
@@ -32,7 +33,7 @@ use crate::pidfile::PidFile;
 use crate::process::Credentials;
 use crate::process::{self, exit_code, Exit, Fork};
 use crate::scoreboard::{now_ms, Scoreboard};
-use crate::signals::{self, Action, SignalPipe, MASTER_SIGNALS};
+use crate::signals::{self, Action, Bell, SignalPipe, MASTER_SIGNALS};
 use crate::workers::{Backoff, Child, Kill, Phase, Role, WorkerTable};
 
 /// The master's lifecycle.
@@ -51,8 +52,15 @@ enum State {
 const TICK: Duration = Duration::from_secs(1);
 /// The shorter tick while a recycle or a new generation is coming up.
 const BUSY_TICK: Duration = Duration::from_millis(50);
-/// Accept pause in fork mode after `EMFILE`/`ENFILE` or a failed fork.
+/// Accept pause in fork mode after `EMFILE`/`ENFILE`, another failed
+/// `accept`, or a failed fork.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Fork mode: at most this many connections are accepted from one
+/// listener per wake-up. The listeners are polled level-triggered, so what
+/// is left in a queue wakes the next poll at once; in between, the master
+/// looks at its signals and reaps, and a busy listener cannot starve the
+/// others.
+const ACCEPT_BATCH: usize = 64;
 
 /// Why the master could not start.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +68,27 @@ pub enum MasterError {
     /// The signal handlers could not be installed.
     #[error("signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The bell workers ring could not be made.
+    #[error("bell eventfd: {0}")]
+    Bell(std::io::Error),
     /// The shared scoreboard could not be mapped.
     #[error("scoreboard mmap: {0}")]
     Scoreboard(nix::Error),
+}
+
+/// Fork mode: an accepted connection whose fork failed.
+///
+/// A failed fork (`EAGAIN` at a process limit, `ENOMEM`) is usually short
+/// lived, and the client has done nothing wrong: the master keeps the
+/// connection and forks for it again after [`ACCEPT_PAUSE`], accepting
+/// nothing meanwhile (the next clients wait in the listen backlog, as at
+/// `max_connections`). It is closed only when the master stops, or when a
+/// reload switches to prefork mode.
+struct Held {
+    stream: TcpStream,
+    peer: SocketAddr,
+    /// How many forks failed for it so far (at least 1).
+    failures: u32,
 }
 
 /// The supervisor.
@@ -77,6 +103,10 @@ pub struct Master {
     listeners: Vec<Listener>,
     /// The self-pipe; `None` only in a child, which dropped it after fork.
     signals: Option<SignalPipe>,
+    /// The bell a worker rings to ask for recycling: made before the first
+    /// fork, polled here, inherited by every worker. `None` only in a
+    /// connection child, which closes it after fork.
+    bell: Option<Bell>,
     board: Scoreboard,
     table: WorkerTable,
     /// The current generation: 1 at start, +1 per successful reload.
@@ -87,8 +117,15 @@ pub struct Master {
     backoff: Backoff,
     pid: Pid,
     pidfile: Option<PidFile>,
-    /// Fork mode: accepting is paused until then.
+    /// Fork mode: accepting is paused until then (after `EMFILE`, a failed
+    /// fork...). Only a future instant means anything: `wait` ignores a
+    /// past one, and a stop or a reload clears it.
     accept_paused_until: Option<Instant>,
+    /// Fork mode: the connection whose child could not be forked, tried
+    /// again when the accept pause is over (see [`Held`]). Invariant:
+    /// `Some` only while running in fork mode; nothing else is accepted
+    /// meanwhile, and no child inherits it.
+    held: Option<Held>,
     /// The code to exit with once stopped.
     exit_code: i32,
     /// sd_notify, when a service manager listens.
@@ -146,14 +183,24 @@ impl Master {
             config_path,
             listeners,
             activated,
-            readiness,
+            mut readiness,
             credentials,
             daemonized,
             pidfile,
         } = setup;
         let sigs: Vec<i32> = MASTER_SIGNALS.iter().map(|s| s.signal).collect();
-        let signals = SignalPipe::new(&sigs).map_err(MasterError::Signals)?;
-        let board = Scoreboard::new().map_err(MasterError::Scoreboard)?;
+        let resources = SignalPipe::new(&sigs)
+            .map_err(MasterError::Signals)
+            .and_then(|s| Ok((s, Bell::new().map_err(MasterError::Bell)?)))
+            .and_then(|(s, b)| Ok((s, b, Scoreboard::new().map_err(MasterError::Scoreboard)?)));
+        let (signals, bell, board) = match resources {
+            Ok(r) => r,
+            Err(e) => {
+                // A waiting `--daemon` launcher prints this and exits 1.
+                readiness.failed(1, &e.to_string());
+                return Err(e);
+            }
+        };
         let pid = nix::unistd::getpid();
         Ok(Master {
             wanted: config.workers,
@@ -161,6 +208,7 @@ impl Master {
             config_path,
             listeners,
             signals: Some(signals),
+            bell: Some(bell),
             board,
             table: WorkerTable::default(),
             generation: 1,
@@ -169,6 +217,7 @@ impl Master {
             pid,
             pidfile,
             accept_paused_until: None,
+            held: None,
             exit_code: exit_code::OK,
             notifier: Notifier::from_env(),
             readiness,
@@ -223,8 +272,12 @@ impl Master {
 
     /// Polls the signal pipe (and, in fork mode with room for children, the
     /// listeners) until something happens or the next timer. Returns whether
-    /// a listener is readable.
+    /// to accept: a listener is readable, or a held connection is due.
     fn wait(&mut self) -> bool {
+        let accepting = self.fork_accepting();
+        // A held connection is forked for again as soon as accepting
+        // resumes: the poll only looks at the signals then.
+        let retry = accepting && self.held.is_some();
         let now = Instant::now();
         let mut until = now + self.tick();
         if let Some(t) = self.table.next_deadline() {
@@ -235,15 +288,26 @@ impl Master {
                 until = until.min(t);
             }
         }
-        if let Some(t) = self.accept_paused_until {
+        // A pause already over is no deadline: `fork_accepting` clears it,
+        // but only while running in fork mode, and a past instant here would
+        // make every poll return at once (a master spinning at 100% CPU
+        // through a whole drain).
+        if let Some(t) = self.accept_paused_until.filter(|&t| t > now) {
             until = until.min(t);
         }
-        let timeout = until.saturating_duration_since(now);
-        let accepting = self.fork_accepting();
+        let timeout = if retry {
+            Duration::ZERO
+        } else {
+            until.saturating_duration_since(now)
+        };
         let Some(signals) = self.signals.as_ref() else {
             return false;
         };
         let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        if let Some(bell) = &self.bell {
+            fds.push(PollFd::new(bell.as_fd(), PollFlags::POLLIN));
+        }
+        let first_listener = fds.len();
         if accepting {
             fds.extend(
                 self.listeners
@@ -254,15 +318,23 @@ impl Master {
         let ms = timeout.as_millis().min(60_000) as u16;
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(_) => {
-                accepting
-                    && fds[1..]
-                        .iter()
-                        .any(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                let rung = first_listener > 1 && fds[1].revents().is_some_and(|r| !r.is_empty());
+                let readable = fds[first_listener..]
+                    .iter()
+                    .any(|f| f.revents().is_some_and(|r| !r.is_empty()));
+                if rung {
+                    // recycle_workers runs every turn of the loop: the
+                    // bell only woke it.
+                    if let Some(bell) = &self.bell {
+                        bell.clear();
+                    }
+                }
+                retry || accepting && readable
             }
-            Err(nix::errno::Errno::EINTR) => false,
+            Err(nix::errno::Errno::EINTR) => retry,
             Err(e) => {
                 log::error!("poll: {e}");
-                false
+                retry
             }
         }
     }
@@ -399,6 +471,15 @@ impl Master {
         self.generation += 1;
         self.wanted = self.config.workers;
         self.backoff.reset();
+        // A new generation starts accepting afresh (and a reload to
+        // prefork mode accepts nothing in the master). A held connection
+        // is tried again at once in fork mode; in prefork mode the master
+        // has no way to hand it over, and it would be inherited by every
+        // worker forked next.
+        self.accept_paused_until = None;
+        if self.config.mode != Mode::Fork {
+            self.drop_held("the new config is prefork mode");
+        }
         self.credentials = credentials;
         self.awaiting_ready = true;
         log::info!(
@@ -455,6 +536,10 @@ impl Master {
     fn begin_stop(&mut self, graceful: bool) {
         self.state = State::Stopping { graceful };
         self.notifier.stopping();
+        // Nothing is accepted any more; a held connection goes as the
+        // queued ones do.
+        self.accept_paused_until = None;
+        self.drop_held("the master stops");
         // The master's descriptors go now; the workers close theirs as
         // they drain or die. After a fast stop the sockets are also shut
         // down once the children are reaped; sockets systemd passed are
@@ -538,7 +623,10 @@ impl Master {
         }
     }
 
-    /// Forks prefork worker `id` of the current generation.
+    /// Forks prefork worker `id` of the current generation. Spawns nothing
+    /// while the scoreboard is full: a worker without a slot could be
+    /// neither supervised nor recycled, so the master logs it and backs off
+    /// as after a failed fork.
     fn spawn_worker(&mut self, id: usize) {
         let Some(slot) = self.board.claim() else {
             log::error!(
@@ -559,7 +647,8 @@ impl Master {
                     pid,
                     role: Role::Worker {
                         id,
-                        slot: Some(slot),
+                        slot,
+                        timeout: self.config.worker_timeout,
                     },
                     generation: self.generation,
                     spawned: Instant::now(),
@@ -572,9 +661,13 @@ impl Master {
                 // FORK (prefork worker):
                 // - child closes: the master's signal pipe (its handlers are
                 //   unregistered too, and the worker installs its own), the
-                //   pid-file lock. It keeps the listeners (accepting on them
-                //   is its job) and the doorbell of accept balancing, an
-                //   eventfd that, like the listeners, every worker shares.
+                //   pid-file lock, a client connection held for a fork retry
+                //   (never there in prefork mode: see `held`). It keeps the
+                //   listeners (accepting on them is its job), the doorbell
+                //   of accept balancing, an eventfd that, like the
+                //   listeners, every worker shares, and the master's bell,
+                //   an eventfd it rings to ask for recycling (a signal would
+                //   need the master's uid: see signals::Bell).
                 // - parent closes: nothing; it keeps the listeners for the
                 //   next workers and generations.
                 // - copy-on-write shares: the config snapshot and the
@@ -593,7 +686,7 @@ impl Master {
                 let seat = crate::worker::Seat {
                     board: &self.board,
                     slot,
-                    master: Some(self.pid),
+                    bell: self.bell.as_ref().map(AsFd::as_fd),
                 };
                 let code = crate::worker::run(listeners, &self.config, seat);
                 std::process::exit(code);
@@ -601,11 +694,39 @@ impl Master {
         }
     }
 
-    /// Fork mode: accepts until the queue is empty or the cap is reached,
-    /// forking one child per connection.
+    /// Fork mode: forks for the held connection, if any; then accepts
+    /// until each queue is empty, [`ACCEPT_BATCH`] connections from each
+    /// listener, the cap, or an error or failed fork that pauses accepting;
+    /// forks one child per connection.
     fn accept_connections(&mut self) {
+        if let Some(Held {
+            stream,
+            peer,
+            failures,
+        }) = self.held.take()
+        {
+            let full = self.table.connection_children() >= self.config.max_connections;
+            if full && self.config.overload == Overload::Wait {
+                self.held = Some(Held {
+                    stream,
+                    peer,
+                    failures,
+                });
+                return;
+            }
+            if full {
+                // A reload lowered max_connections meanwhile.
+                drop(stream);
+                self.log_refusal(peer, "max_connections reached (overload = \"reject\")");
+            } else {
+                self.fork_connection(stream, peer, failures);
+                if self.held.is_some() {
+                    return;
+                }
+            }
+        }
         for i in 0..self.listeners.len() {
-            loop {
+            for _ in 0..ACCEPT_BATCH {
                 let full = self.table.connection_children() >= self.config.max_connections;
                 if full && self.config.overload == Overload::Wait {
                     // Clients wait in the backlog until a child exits.
@@ -623,19 +744,45 @@ impl Master {
                             drop(stream);
                             self.log_refusal(peer, "max_connections_per_ip reached");
                         } else {
-                            self.fork_connection(stream, peer);
+                            self.fork_connection(stream, peer, 0);
+                            if self.held.is_some() {
+                                // The fork failed: accept nothing more
+                                // until the held connection has its child.
+                                return;
+                            }
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                        log::warn!("accept: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
+                    // That one connection is gone (reset before it was
+                    // accepted, or a network error accept(2) passes on for
+                    // it): the queue may hold more.
+                    Err(e) if is_connection_error(&e) => log::debug!("accept: {e}"),
+                    // Out of descriptors (EMFILE, ENFILE) or kernel memory
+                    // (ENOBUFS, ENOMEM), or anything unexpected: the next
+                    // accept would fail the same way, and the level-triggered
+                    // poll would report the listener readable at once.
+                    Err(e) => {
+                        log::warn!(
+                            "accept on {}: {e}; pausing accepts for {ACCEPT_PAUSE:?}",
+                            self.listeners[i].local
+                        );
                         self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                         return;
                     }
-                    Err(e) => log::debug!("accept: {e}"),
                 }
             }
+        }
+    }
+
+    /// Closes the held connection, if any, saying why.
+    fn drop_held(&mut self, why: &str) {
+        if let Some(h) = self.held.take() {
+            log::warn!(
+                "closing the connection from {}, which waited for a child after {} failed forks: {why}",
+                h.peer,
+                h.failures
+            );
         }
     }
 
@@ -656,17 +803,37 @@ impl Master {
         }
     }
 
-    /// Fork mode: one child for one connection.
-    fn fork_connection(&mut self, stream: TcpStream, peer: SocketAddr) {
+    /// Fork mode: one child for one connection. `failures`: how many forks
+    /// already failed for it. On failure the connection is held (see
+    /// [`Held`]) and accepting pauses.
+    fn fork_connection(&mut self, stream: TcpStream, peer: SocketAddr, failures: u32) {
         match process::fork() {
             Err(e) => {
-                log::error!("fork: {e}; closing the connection from {peer}");
+                let failures = failures + 1;
+                if failures == 1 {
+                    log::error!(
+                        "fork: {e}; holding the connection from {peer} to try again in {ACCEPT_PAUSE:?}, accepting none meanwhile"
+                    );
+                } else if failures % 10 == 0 {
+                    log::warn!(
+                        "fork: {e}; the connection from {peer} still waits for a child ({failures} tries)"
+                    );
+                } else {
+                    log::debug!("fork: {e}; the connection from {peer} waits ({failures} tries)");
+                }
+                self.held = Some(Held {
+                    stream,
+                    peer,
+                    failures,
+                });
                 self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
             }
             Ok(Fork::Parent(pid)) => {
                 // FORK (parent side): the connection belongs to the child
-                // now; the master closes its descriptor at once, so it never
-                // holds a client connection and no later child inherits it.
+                // now; the master closes its descriptor at once, so no later
+                // child inherits it. The only client connection the master
+                // ever holds longer is one whose fork failed (`held`), and
+                // it forks nothing else meanwhile.
                 drop(stream);
                 let child = Child {
                     pid,
@@ -675,7 +842,11 @@ impl Master {
                     spawned: Instant::now(),
                     phase: Phase::Serving,
                 };
-                log::debug!("{child}: spawned");
+                if failures > 0 {
+                    log::info!("{child}: spawned after {failures} failed forks");
+                } else {
+                    log::debug!("{child}: spawned");
+                }
                 self.table.insert(child);
                 *self.per_ip.entry(peer.ip()).or_insert(0) += 1;
             }
@@ -685,8 +856,10 @@ impl Master {
                 //   that held them would keep the ports open after the
                 //   master closed them at a reload or stop, and could accept
                 //   connections it must not serve), the master's signal
-                //   pipe, the pid-file lock, the workers' doorbell. It keeps
-                //   only its connection.
+                //   pipe, the pid-file lock, the workers' doorbell, the
+                //   master's bell, a client connection held for a fork retry
+                //   (never another than its own: see `held`). It keeps only
+                //   its connection.
                 // - parent closes: the connection (above).
                 // - copy-on-write shares: the config snapshot, read-only;
                 //   the master's tables, never read here.
@@ -695,6 +868,7 @@ impl Master {
                 self.become_child(format!("conn gen {}", self.generation), "echod-conn");
                 self.listeners.clear();
                 self.board.close_doorbell();
+                self.bell = None;
                 let code = crate::conn::serve(stream, peer, &self.config);
                 std::process::exit(code);
             }
@@ -717,6 +891,11 @@ impl Master {
             }
         }
         process::after_fork_in_child(self.pid);
+        // A connection held for a fork retry is never there at a fork (the
+        // master forks nothing else while it holds one, and a reload to
+        // prefork mode closes it); closing it here keeps that true for any
+        // future caller.
+        self.held = None;
         // Dropping the pipe unregisters the master's handlers.
         self.signals = None;
         if let Some(p) = self.pidfile.take() {
@@ -771,7 +950,11 @@ impl Master {
             return;
         }
         if exit == Exit::Code(exit_code::FATAL) {
-            log::error!("{child}: cannot start ({exit}); stopping echod");
+            let message = format!("{child}: cannot start ({exit}); stopping echod");
+            log::error!("{message}");
+            // A `--daemon` launcher still waiting for "ready" prints this
+            // and exits 1 (after "ready", the report is spent: no-op).
+            self.readiness.failed(exit_code::FAILURE as u8, &message);
             self.exit_code = exit_code::FAILURE;
             if self.state == State::Running {
                 self.begin_stop(true);
@@ -779,11 +962,15 @@ impl Master {
             return;
         }
         if expected {
-            let why = match child.phase {
-                Phase::Killed(kill) => kill.describe(),
-                _ => " after draining",
-            };
-            log::info!("{child}: {exit}{why}");
+            // Told to go: a kill the master sent, or a drain. A drain ends
+            // in exit(0); anything else (a crash while draining, a kill from
+            // outside) is a failure to report, not the drain's end. No
+            // respawn either way: the worker was leaving.
+            match child.phase {
+                Phase::Killed(kill) => log::info!("{child}: {exit}{}", kill.describe()),
+                _ if exit.is_clean() => log::info!("{child}: {exit} after draining"),
+                _ => log::warn!("{child}: {exit} while draining"),
+            }
             return;
         }
         let respawn = child.generation == self.generation;
@@ -801,8 +988,14 @@ impl Master {
         }
     }
 
-    /// Kills workers whose heartbeat is older than `worker_timeout`, and
-    /// retiring children past their drain deadline.
+    /// Kills workers whose heartbeat is older than their `worker_timeout`,
+    /// and retiring children past their drain deadline.
+    ///
+    /// Each worker is judged by the `worker_timeout` it was forked with (see
+    /// [`Role::Worker`]): its heartbeat period is a third of that timeout at
+    /// most, frozen at fork, so a reload that shortens `worker_timeout` must
+    /// not hold an old-generation worker, still draining at its old period,
+    /// to the new one.
     fn murder_workers(&mut self) {
         for pid in self.table.overdue(Instant::now()) {
             if let Some(c) = self.table.get_mut(pid) {
@@ -810,17 +1003,16 @@ impl Master {
             }
             signals::send(pid, Signal::SIGKILL);
         }
-        let timeout = self.config.worker_timeout.as_millis() as u64;
-        if timeout == 0 {
-            return;
-        }
         let now = now_ms();
         let mut late = Vec::new();
         for c in self.table.iter() {
-            let Some(slot) = c.slot() else { continue };
+            let (Some(slot), Some(timeout)) = (c.slot(), c.heartbeat_timeout()) else {
+                continue;
+            };
             if matches!(c.phase, Phase::Killed(_)) {
                 continue;
             }
+            let timeout = timeout.as_millis() as u64;
             let beat = self.board.heartbeat(slot);
             let silent = if beat == 0 {
                 c.spawned.elapsed().as_millis() as u64
@@ -828,10 +1020,10 @@ impl Master {
                 now.saturating_sub(beat)
             };
             if silent > timeout {
-                late.push((c.pid, silent));
+                late.push((c.pid, silent, timeout));
             }
         }
-        for (pid, silent) in late {
+        for (pid, silent, timeout) in late {
             if let Some(c) = self.table.get_mut(pid) {
                 log::warn!(
                     "{c}: no heartbeat for {silent} ms (worker_timeout {timeout} ms); killing it"
@@ -893,7 +1085,8 @@ impl Master {
     }
 
     /// Whether the current generation is serving: every wanted worker is
-    /// forked and has beaten once (it is in its epoll loop).
+    /// forked and has beaten once (it is in its epoll loop). Every worker
+    /// has a scoreboard slot (see [`Master::spawn_worker`]).
     fn pool_up(&self) -> bool {
         if self.config.mode == Mode::Fork {
             return true;
@@ -902,7 +1095,7 @@ impl Master {
             && self
                 .table
                 .pool(self.generation)
-                .all(|c| c.slot().is_none_or(|s| self.board.heartbeat(s) != 0))
+                .all(|c| c.slot().is_some_and(|s| self.board.heartbeat(s) != 0))
     }
 
     /// Sends `READY=1` (and answers the daemon launcher) once the pool is
@@ -965,6 +1158,27 @@ impl Master {
         }
         None
     }
+}
+
+/// Whether an `accept` error concerns only the connection it was about to
+/// return (accept(2): Linux passes on the new connection's pending network
+/// errors, and a firewall may refuse it), so the next one may succeed.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
 }
 
 fn mode_name(m: Mode) -> &'static str {

@@ -28,8 +28,9 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
 
 /// How many workers can have a slot at once (live workers of every
-/// generation, draining ones included). A worker spawned when all are taken
-/// runs without heartbeat supervision, and the master says so in its log.
+/// generation, draining ones included). The master spawns no worker while
+/// all are taken: it logs that and backs off as after a failed fork, so
+/// every worker is supervised.
 pub const SLOTS: usize = 1024;
 
 /// One worker's cell. Written only by the worker that owns it (and reset by

@@ -4,7 +4,11 @@
 //! Runs in: the master (its whole signal table) and every child (the
 //! worker's short table, registered after the master's pipe is dropped).
 //!
-//! Owns: one `UnixStream` pair per process (the self-pipe). The signal
+//! Also the master's **bell** ([`Bell`]): how a worker wakes the master,
+//! which a signal cannot do once the worker has dropped privileges.
+//!
+//! Owns: one `UnixStream` pair per process (the self-pipe), and in the
+//! master the bell. The signal
 //! handlers that `signal-hook` installs only record the signal number and
 //! write a byte to the pipe; everything else happens in the poll loop, where
 //! any code may run. No thread is ever started: the master forks, and
@@ -12,6 +16,8 @@
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use signal_hook::consts::signal::{
     SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
@@ -37,8 +43,9 @@ pub enum Action {
     AddWorker,
     /// One worker fewer (prefork), never below one.
     RemoveWorker,
-    /// A worker reached `max_requests_per_worker`: look at recycling now
-    /// rather than at the next tick.
+    /// Look at recycling now rather than at the next tick. Workers do not
+    /// send it (they ring the master's [`Bell`]); it stays caught, and
+    /// harmless, for whoever sends it.
     Recycle,
 }
 
@@ -103,7 +110,7 @@ pub const MASTER_SIGNALS: &[SignalSpec] = &[
         signal: SIGUSR2,
         name: "SIGUSR2",
         action: Action::Recycle,
-        help: "sent by a worker that reached max_requests_per_worker: recycle it now (harmless from elsewhere)",
+        help: "look at recycling now; harmless (a worker that reached max_requests_per_worker rings the master's bell, an eventfd, instead)",
     },
     SignalSpec {
         signal: SIGCHLD,
@@ -166,6 +173,53 @@ impl AsFd for SignalPipe {
     }
 }
 
+/// The master's bell: an `eventfd` the master makes before its first fork
+/// and polls beside its signal pipe; every prefork worker inherits it and
+/// rings it when it wants the master's attention now rather than at the
+/// master's next tick (it reached `max_requests_per_worker`).
+///
+/// Why not a signal: a worker running as the configured `user` may not
+/// signal a master that runs as root (kill(2) needs the sender's uid to
+/// match the target's: `EPERM`). Writing to an inherited descriptor needs
+/// no permission.
+///
+/// Invariant: non-blocking and close-on-exec; readable while rung and not
+/// yet cleared.
+pub struct Bell {
+    fd: EventFd,
+}
+
+impl Bell {
+    /// A new, silent bell.
+    pub fn new() -> std::io::Result<Bell> {
+        let fd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
+        Ok(Bell { fd })
+    }
+
+    /// In the master, after a wake-up: silences the bell (reading an
+    /// eventfd resets its counter).
+    pub fn clear(&self) {
+        let _ = self.fd.read();
+    }
+
+    /// In a worker: rings the bell whose descriptor it inherited. `EAGAIN`
+    /// (the counter is full, which takes 2^64 - 1 rings) means the master
+    /// has a wake-up waiting anyway.
+    pub fn ring(fd: BorrowedFd<'_>) {
+        match nix::unistd::write(fd, &1u64.to_ne_bytes()) {
+            Ok(_) | Err(nix::errno::Errno::EAGAIN) => {}
+            Err(e) => log::warn!("ringing the master's bell: {e}"),
+        }
+    }
+}
+
+impl AsFd for Bell {
+    /// The descriptor: polled by the master, written by the workers.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 /// Sends `signal` to `pid`, ignoring `ESRCH` (the process already exited
 /// and awaits reaping, or was reaped: either way there is nothing to do).
 pub fn send(pid: nix::unistd::Pid, signal: nix::sys::signal::Signal) {
@@ -188,6 +242,22 @@ mod tests {
         assert_eq!(spec(SIGHUP).map(|s| s.action), Some(Action::Reload));
         assert_eq!(spec(SIGTERM).map(|s| s.action), Some(Action::GracefulStop));
         assert!(spec(libc::SIGKILL).is_none());
+    }
+
+    #[test]
+    fn a_rung_bell_is_readable_until_cleared() {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let bell = Bell::new().unwrap();
+        let readable = |b: &Bell| {
+            let mut fds = [PollFd::new(b.as_fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
+        };
+        assert!(!readable(&bell));
+        Bell::ring(bell.as_fd());
+        Bell::ring(bell.as_fd());
+        assert!(readable(&bell));
+        bell.clear();
+        assert!(!readable(&bell), "one clear silences every ring");
     }
 
     #[test]

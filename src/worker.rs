@@ -5,7 +5,8 @@
 //! foreground process itself, for gdb and strace).
 //!
 //! Owns: its epoll instance, its signal pipe, its connections, and its
-//! copies of the listeners, which it closes when it drains. Signals:
+//! copies of the listeners, which it closes when it drains. It also holds
+//! the master's bell ([`crate::signals::Bell`]), which it only rings. Signals:
 //! `SIGTERM` = stop accepting and drain; `SIGINT`/`SIGQUIT` = close
 //! everything and exit now.
 //!
@@ -141,9 +142,9 @@ pub struct Seat<'a> {
     pub board: &'a Scoreboard,
     /// This worker's slot in it.
     pub slot: usize,
-    /// The master to wake when recycling is due (`None` with
+    /// The master's bell, rung when recycling is due (`None` with
     /// `--single-process`, where there is no master and no recycling).
-    pub master: Option<nix::unistd::Pid>,
+    pub bell: Option<std::os::fd::BorrowedFd<'a>>,
 }
 
 /// The socket as the echo state machine sees it.
@@ -270,11 +271,12 @@ impl<'a> Gate<'a> {
         let cell = self.cell();
         let served = cell.served_one();
         let max = self.config.max_requests_per_worker;
-        if let (true, Some(master)) = (max > 0 && served == max, self.seat.master) {
+        if let (true, Some(bell)) = (max > 0 && served == max, self.seat.bell) {
             log::info!("served {served} connections; asking to be recycled");
             cell.ask_retire();
-            // Wake the master now rather than at its next tick.
-            crate::signals::send(master, nix::sys::signal::Signal::SIGUSR2);
+            // Wake the master now rather than at its next tick (a bell, not
+            // a signal: see signals::Bell).
+            crate::signals::Bell::ring(bell);
         }
     }
 
@@ -905,7 +907,7 @@ mod tests {
         let seat = Seat {
             board: &board,
             slot: me,
-            master: None,
+            bell: None,
         };
         let balance = Balance::new(&config, seat);
         let now = 100_000;
@@ -959,7 +961,7 @@ mod tests {
         let seat = Seat {
             board: &board,
             slot: me,
-            master: None,
+            bell: None,
         };
         let balance = Balance::new(&config, seat);
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();

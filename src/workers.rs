@@ -15,8 +15,18 @@ use nix::unistd::Pid;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
     /// A prefork worker, numbered within its generation; `slot` is its
-    /// scoreboard cell (none if the scoreboard was full).
-    Worker { id: usize, slot: Option<usize> },
+    /// scoreboard cell. Every worker has one: the master spawns none while
+    /// the scoreboard is full (it logs that and backs off instead).
+    /// `timeout` is the `worker_timeout` of the config it was forked with
+    /// (zero: no heartbeat supervision). The worker's heartbeat period
+    /// derives from that config, frozen at fork, so after a reload an
+    /// old-generation worker is judged by its own timeout, never by the new
+    /// config's.
+    Worker {
+        id: usize,
+        slot: usize,
+        timeout: Duration,
+    },
     /// A fork-mode child serving one connection.
     Conn { peer: SocketAddr },
 }
@@ -96,11 +106,22 @@ impl Child {
         matches!(self.role, Role::Worker { .. })
     }
 
-    /// The scoreboard slot of a worker.
+    /// The scoreboard slot of a worker (`None`: a connection child, which
+    /// has none).
     pub fn slot(&self) -> Option<usize> {
         match self.role {
-            Role::Worker { slot, .. } => slot,
+            Role::Worker { slot, .. } => Some(slot),
             Role::Conn { .. } => None,
+        }
+    }
+
+    /// The heartbeat timeout this child is judged by: its own config's
+    /// `worker_timeout` (`None`: not supervised, as a connection child or a
+    /// worker forked with `worker_timeout = 0`).
+    pub fn heartbeat_timeout(&self) -> Option<Duration> {
+        match self.role {
+            Role::Worker { timeout, .. } if !timeout.is_zero() => Some(timeout),
+            _ => None,
         }
     }
 }
@@ -331,7 +352,11 @@ mod tests {
     fn worker(pid: i32, id: usize, generation: u64) -> Child {
         Child {
             pid: Pid::from_raw(pid),
-            role: Role::Worker { id, slot: None },
+            role: Role::Worker {
+                id,
+                slot: id,
+                timeout: Duration::from_secs(30),
+            },
             generation,
             spawned: Instant::now(),
             phase: Phase::Serving,
@@ -417,6 +442,25 @@ mod tests {
         assert!(b.allows(now + Backoff::MAX));
         assert_eq!(b.record_failure(Duration::from_secs(5), now), None);
         assert!(b.allows(now));
+    }
+
+    #[test]
+    fn each_worker_keeps_the_heartbeat_timeout_it_was_forked_with() {
+        let mut w = worker(10, 0, 1);
+        assert_eq!(w.heartbeat_timeout(), Some(Duration::from_secs(30)));
+        w.role = Role::Worker {
+            id: 0,
+            slot: 0,
+            timeout: Duration::ZERO,
+        };
+        assert_eq!(w.heartbeat_timeout(), None, "worker_timeout = 0");
+        let conn = Child {
+            role: Role::Conn {
+                peer: "127.0.0.1:5555".parse().unwrap(),
+            },
+            ..worker(11, 0, 1)
+        };
+        assert_eq!(conn.heartbeat_timeout(), None);
     }
 
     #[test]

@@ -780,3 +780,348 @@ fn stopped_worker_is_murdered_and_replaced() {
     }
     finish(e, &[]);
 }
+
+/// `reload_judges_old_workers_by_their_own_worker_timeout`: a reload that
+/// shortens `worker_timeout` (30 s → 1 s, the shortest allowed) leaves the old generation's
+/// worker alone while it drains an idle client: that worker beats at the
+/// period it was forked with (once a second when idle), so the new
+/// config's timeout would find it silent for up to a second. For 3 s after
+/// the reload (the master woken every 50 ms by `SIGUSR2`, harmless, so
+/// that it looks at the heartbeats often) the old worker is not killed for
+/// a missed heartbeat and its client's connection still echoes; once the
+/// client closes, the old worker drains and exits.
+///
+/// Before each worker was judged by the timeout it was forked with, the
+/// old worker was killed within about a second of the reload and the
+/// client's connection dropped (shown with 900 ms, which the config has
+/// refused since; at 1 s the old rule killed only when a beat came late).
+#[test]
+fn reload_judges_old_workers_by_their_own_worker_timeout() {
+    let base = "workers = 1\nshutdown_timeout = \"60s\"\n";
+    let e = start(&format!("{base}worker_timeout = \"30s\""), 1);
+    let old = *load::live_workers(&e).keys().next().expect("a worker");
+    let mut client = connect(e.addr());
+    load::echo_on(&mut client, &payload(1, 100)).expect("echo before the reload");
+    let gen = reload(&e, &config(&format!("{base}worker_timeout = \"1s\"")));
+    wait_gen_up(&e, gen, 1, STEP);
+    // Idle: a client that kept talking would make the old worker beat at
+    // every loop turn and hide the difference.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        kill(e.pid, libc::SIGUSR2);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let murdered = format!("(pid {old}, gen 1): no heartbeat");
+    assert!(!e.log().contains(&murdered), "{}", e.log());
+    assert!(
+        load::echod_alive(old),
+        "the draining worker {old} is gone\n{}",
+        e.log()
+    );
+    load::echo_on(&mut client, &payload(2, 100)).unwrap_or_else(|err| {
+        panic!(
+            "the draining worker's client lost its connection: {err}\n{}",
+            e.log()
+        )
+    });
+    drop(client);
+    wait_pool(&e, gen, 1, STEP);
+    assert!(!e.log().contains(&murdered), "{}", e.log());
+    finish(e, &[]);
+}
+
+/// `a_worker_dying_while_draining_is_reported_as_a_failure`: an
+/// old-generation worker that dies of a signal while it drains a client
+/// (here `SIGKILL` from outside; a `SIGSEGV` is the same to the master) is
+/// logged at `WARN` as killed "while draining", not at `INFO` as if it had
+/// finished its drain; the pool of the new generation is untouched.
+#[test]
+fn a_worker_dying_while_draining_is_reported_as_a_failure() {
+    let base = "workers = 1\nshutdown_timeout = \"60s\"\n";
+    let e = start(base, 1);
+    let old = *load::live_workers(&e).keys().next().expect("a worker");
+    let mut client = connect(e.addr());
+    load::echo_on(&mut client, &payload(3, 100)).expect("echo before the reload");
+    let gen = reload(&e, &config(&format!("{base}idle_timeout = \"120s\"")));
+    let new = wait_pool_and_old(&e, gen, old);
+    kill(old, libc::SIGKILL);
+    let needle = format!("(pid {old}, gen 1): killed by SIGKILL while draining");
+    assert!(e.wait_log(&needle, STEP), "no `{needle}`\n{}", e.log());
+    let line = e
+        .log()
+        .lines()
+        .find(|l| l.contains(&needle))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(!e.log().contains("after draining"), "{}", e.log());
+    assert_eq!(wait_pool(&e, gen, 1, STEP), new, "{}", e.log());
+    drop(client);
+    finish(e, &[]);
+}
+
+/// Waits until generation `gen` has its one worker up while the old
+/// worker `old` still drains; returns the pool of generation `gen`.
+fn wait_pool_and_old(e: &Echod, gen: u64, old: i32) -> BTreeMap<i32, u64> {
+    wait_gen_up(e, gen, 1, STEP);
+    assert!(load::echod_alive(old), "{old} left early\n{}", e.log());
+    load::live_workers(e)
+        .into_iter()
+        .filter(|&(_, g)| g == gen)
+        .collect()
+}
+
+/// The master's descriptor numbers, from `/proc/PID/fd`.
+fn fd_numbers(pid: i32) -> Vec<u64> {
+    let mut out: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_unstable();
+    out
+}
+
+/// `sigterm_after_an_accept_pause_does_not_spin`: a fork-mode master that
+/// paused accepting (here `EMFILE`: its `RLIMIT_NOFILE` leaves exactly one
+/// free descriptor, which a reload then spends on a second listener) and
+/// then gets `SIGTERM` while a connection child still serves waits for
+/// that child idly: over 1.5 s of the drain it uses under 0.3 s of CPU.
+/// Once the client closes, the master exits 0.
+///
+/// Before the pause was cleared at a stop, the pause's instant, soon in
+/// the past, stayed the master's poll deadline: every poll returned at
+/// once and the master spun at 100% CPU until the drain ended.
+#[test]
+fn sigterm_after_an_accept_pause_does_not_spin() {
+    let text = |listen: &str| {
+        format!(
+            "listen = [{listen}]\nmode = \"fork\"\nshutdown_timeout = \"20s\"\n\
+             [log]\ntarget = \"stderr\"\nlevel = \"info\"\n"
+        )
+    };
+    let one = text("\"127.0.0.1:0\"");
+    // A first master, unlimited, shows which descriptors a fork-mode master
+    // holds in this environment (the test runner's own inherited ones
+    // included): the limit is the lowest that leaves one number free.
+    let probe = Echod::start(&one);
+    let fds = fd_numbers(probe.pid);
+    finish(probe, &[]);
+    let limit = (1..)
+        .find(|&l| l - fds.iter().filter(|&&f| f < l).count() as u64 == 1)
+        .expect("a limit");
+    let e = Start::config(&one).nofile(limit).spawn();
+    let mut a = connect(e.addr());
+    load::echo_on(&mut a, &payload(4, 100)).expect("echo under the limit");
+    // The reload binds one more listener with the last free descriptor.
+    reload(&e, &text("\"127.0.0.1:0\", \"127.0.0.2:0\""));
+    assert!(e.wait_log("listening on 127.0.0.2:", STEP), "{}", e.log());
+    let _b = connect(e.addr());
+    assert!(e.wait_log("pausing accepts", STEP), "{}", e.log());
+    e.signal(libc::SIGTERM);
+    assert!(e.wait_log("SIGTERM: graceful stop", STEP), "{}", e.log());
+    let t0 = load::cpu_ticks(e.pid).expect("the master's CPU time");
+    std::thread::sleep(Duration::from_millis(1500));
+    let used = load::cpu_ticks(e.pid).expect("the master's CPU time") - t0;
+    // SAFETY: sysconf touches no memory.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    assert!(
+        used * 10 < 3 * hz,
+        "the draining master used {used} ticks ({hz}/s) of CPU in 1.5 s\n{}",
+        e.log()
+    );
+    drop(a);
+    finish(e, &[]);
+}
+
+/// Kills a daemonized master and its descendants, by pid, on drop (the
+/// daemon is not this test's child: [`Echod`] cannot hold it).
+struct DaemonGuard(i32);
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        if common::alive(self.0) && common::comm(self.0).is_some_and(|c| c.starts_with("echod")) {
+            let all = common::descendants(self.0);
+            kill(self.0, libc::SIGKILL);
+            for p in all {
+                kill(p, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Runs the `--daemon` launcher with `args` in `dir` and waits (at most
+/// `limit`) for it to exit; returns its exit code and stderr.
+fn run_launcher(dir: &std::path::Path, args: &[&str], limit: Duration) -> (Option<i32>, String) {
+    let mut launcher = common::echod_command()
+        .args(args)
+        .current_dir(dir)
+        .spawn()
+        .expect("spawn the launcher");
+    let mut status = None;
+    let exited = wait_until(limit, || {
+        status = launcher.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if !exited {
+        kill(launcher.id() as i32, libc::SIGKILL);
+        let _ = launcher.wait();
+        panic!("the launcher {args:?} did not exit within {limit:?}");
+    }
+    let mut err = String::new();
+    let _ = launcher.stderr.take().unwrap().read_to_string(&mut err);
+    (status.and_then(|s| s.code()), err)
+}
+
+/// `daemon_reloads_a_config_given_by_a_relative_path`: `echod --daemon -c
+/// echod.toml`, started in the config's directory, reloads on `SIGHUP`
+/// although the daemon works in `/`: the launcher resolved the path before
+/// detaching. Then `SIGTERM` stops it and removes its pid file.
+///
+/// Before, every reload of such a daemon failed with "echod.toml: No such
+/// file or directory".
+#[test]
+fn daemon_reloads_a_config_given_by_a_relative_path() {
+    let dir = common::TempDir::new("daemon-relative");
+    let pidfile = dir.path("echod.pid");
+    let logfile = dir.path("echod.log");
+    let text = |workers: usize| {
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nworkers = {workers}\npid_file = \"{}\"\n\
+             [log]\ntarget = \"file\"\nfile = \"{}\"\nlevel = \"info\"\n",
+            pidfile.display(),
+            logfile.display()
+        )
+    };
+    std::fs::write(dir.path("echod.toml"), text(1)).unwrap();
+    let (code, err) = run_launcher(&dir.0, &["--daemon", "-c", "echod.toml"], STEP);
+    assert_eq!(code, Some(0), "{err}");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("the pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let _guard = DaemonGuard(pid);
+    let log = || std::fs::read_to_string(&logfile).unwrap_or_default();
+    std::fs::write(dir.path("echod.toml"), text(2)).unwrap();
+    kill(pid, libc::SIGHUP);
+    assert!(
+        wait_until(STEP, || log().contains("reload: generation 2 starts")
+            || log().contains("reload failed")),
+        "{}",
+        log()
+    );
+    assert!(log().contains("reload: generation 2 starts"), "{}", log());
+    kill(pid, libc::SIGTERM);
+    assert!(wait_until(STEP, || !common::alive(pid)), "{}", log());
+    assert!(!pidfile.exists(), "{}", log());
+    assert!(!log().contains(" ERROR "), "{}", log());
+}
+
+/// `daemon_launcher_gives_up_on_a_pool_that_never_comes_up`: workers that
+/// die at start (test hook `ECHOD_TEST_WORKER_CRASH`) keep a daemon from
+/// ever being ready; the launcher does not wait forever: at its limit
+/// (shortened to 1.5 s by the test hook `ECHOD_TEST_READY_TIMEOUT_MS`; 60 s
+/// otherwise) it stops the daemon, exits 1 saying it was not ready, and
+/// leaves no echod process and no pid file behind.
+///
+/// Before, the launcher waited on the readiness pipe with no limit.
+#[test]
+fn daemon_launcher_gives_up_on_a_pool_that_never_comes_up() {
+    let dir = common::TempDir::new("daemon-unready");
+    let pidfile = dir.path("echod.pid");
+    let logfile = dir.path("echod.log");
+    let cfg = dir.path("echod.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nworkers = 1\npid_file = \"{}\"\n\
+             [log]\ntarget = \"file\"\nfile = \"{}\"\nlevel = \"info\"\n",
+            pidfile.display(),
+            logfile.display()
+        ),
+    )
+    .unwrap();
+    let mut launcher = common::echod_command();
+    launcher
+        .args(["--daemon", "--config"])
+        .arg(&cfg)
+        .env("ECHOD_TEST_WORKER_CRASH", "1")
+        .env("ECHOD_TEST_READY_TIMEOUT_MS", "1500");
+    let t0 = Instant::now();
+    let mut child = launcher.spawn().expect("spawn the launcher");
+    let mut status = None;
+    let exited = wait_until(Duration::from_secs(30), || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    // Whatever happens below, the daemon dies (its pid is in its pid file
+    // while it runs).
+    let _guard = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .map(DaemonGuard);
+    if !exited {
+        kill(child.id() as i32, libc::SIGKILL);
+        let _ = child.wait();
+        panic!("the launcher still waits after 30 s");
+    }
+    let took = t0.elapsed();
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    let log = std::fs::read_to_string(&logfile).unwrap_or_default();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}\n{log}");
+    assert!(
+        err.contains("was not ready within 1.5s") && err.contains("stopped it"),
+        "{err}\n{log}"
+    );
+    assert!(took >= Duration::from_millis(1500), "{took:?}: {err}");
+    let pid: i32 = err
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next()?.parse().ok())
+        .expect("the daemon's pid in the message");
+    assert!(!common::alive(pid), "the daemon {pid} still runs\n{log}");
+    assert!(!pidfile.exists(), "{log}");
+    assert!(log.contains("respawning in"), "no crash loop?\n{log}");
+}
+
+/// `recycling_asks_the_master_across_users`: with `user = "nobody"` (echod
+/// started as root), a worker that reaches `max_requests_per_worker` asks
+/// the root master to recycle it without a failing `kill` (a process may
+/// signal only its own uid's): the worker is replaced, and the log holds
+/// no `WARN` line. Needs root; skipped otherwise.
+///
+/// Before, the worker signalled the master (`SIGUSR2`) and every recycle
+/// logged `kill(..., SIGUSR2): EPERM` at `WARN`.
+#[test]
+fn recycling_asks_the_master_across_users() {
+    // SAFETY: geteuid(2) takes no argument and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: recycling_asks_the_master_across_users needs root");
+        return;
+    }
+    let e = start(
+        "workers = 1\nmax_requests_per_worker = 3\nuser = \"nobody\"\ngroup = \"nogroup\"",
+        1,
+    );
+    let first = *load::live_workers(&e).keys().next().expect("a worker");
+    for i in 0..3 {
+        echo_once(e.addr(), &payload(i, 100));
+    }
+    let needle = format!("(pid {first}, gen 1): recycled; its replacement is up");
+    assert!(e.wait_log(&needle, STEP), "no `{needle}`\n{}", e.log());
+    assert!(
+        wait_until(STEP, || !load::live_workers(&e).contains_key(&first)),
+        "{}",
+        e.log()
+    );
+    wait_pool(&e, 1, 1, STEP);
+    echo_once(e.addr(), b"after the recycle");
+    let log = e.log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert!(warnings.is_empty(), "{warnings:#?}\n{log}");
+    finish(e, &[]);
+}

@@ -649,3 +649,212 @@ fn balance_spreads_connections_over_epoll_workers() {
 fn balance_spreads_connections_over_io_uring_workers() {
     balance_spreads_connections("io = \"io_uring\"");
 }
+
+/// An echod master started by [`fork_failure_holds_the_connection`] as an
+/// unprivileged user with `RLIMIT_NPROC`, which the harness's [`Start`]
+/// cannot do; killed with its descendants, by pid, on drop.
+struct LimitedEchod {
+    child: std::process::Child,
+    pid: i32,
+    log: Arc<std::sync::Mutex<String>>,
+}
+
+impl LimitedEchod {
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+    fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().contains(needle))
+    }
+}
+
+impl Drop for LimitedEchod {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let all = descendants(self.pid);
+            // SAFETY: kill(2) on the master this test started and its
+            // descendants found in /proc.
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+                for p in &all {
+                    libc::kill(*p, libc::SIGKILL);
+                }
+            }
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Reads one byte from `s` within `limit`: `Ok(Some(b))`, `Ok(None)` at
+/// the end of the stream, `Err` on a timeout or a reset.
+fn read_byte(s: &mut TcpStream, limit: Duration) -> std::io::Result<Option<u8>> {
+    s.set_read_timeout(Some(limit))?;
+    let mut b = [0u8; 1];
+    Ok((s.read(&mut b)? == 1).then_some(b[0]))
+}
+
+/// `fork_failure_holds_the_connection`: in fork mode, a connection whose
+/// child cannot be forked (here the master runs as an unused uid with
+/// `RLIMIT_NPROC = 2`: itself and one connection child) is neither closed
+/// nor followed by more accepts that would close others: the master holds
+/// it, logs one `ERROR`, leaves the next client in the listen backlog, and
+/// forks for the held one as soon as a child exits (it is echoed then),
+/// then serves the waiting one the same way. A `SIGTERM` while it holds a
+/// connection closes that one, and the master exits 0 once its last child
+/// is done.
+///
+/// Before the master held the connection, it closed it and every
+/// connection queued behind it, each with a failed fork.
+///
+/// Needs root (to start echod as another user: root ignores
+/// `RLIMIT_NPROC`); skipped otherwise.
+#[test]
+fn fork_failure_holds_the_connection() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid(2) takes no argument and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: fork_failure_holds_the_connection needs root");
+        return;
+    }
+    // A uid nothing else runs as, so that the process count is echod's.
+    let uid = 47_000 + std::process::id() % 10_000;
+    let dir = TempDir::new("nproc");
+    let cfg = dir.path("echod.toml");
+    std::fs::write(
+        &cfg,
+        "listen = [\"127.0.0.1:0\"]\nmode = \"fork\"\nshutdown_timeout = \"20s\"\n\
+         [log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
+    )
+    .unwrap();
+    let mut cmd = echod_command();
+    cmd.arg("--config").arg(&cfg).uid(uid).gid(uid);
+    // SAFETY: the closure only calls setrlimit(2), async-signal-safe,
+    // between fork and exec (after the uid change, which it follows).
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 2,
+                rlim_max: 2,
+            };
+            if libc::setrlimit(libc::RLIMIT_NPROC, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn echod");
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    {
+        let log = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stderr);
+            let mut line = String::new();
+            while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+                log.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+    }
+    let mut e = LimitedEchod {
+        pid: child.id() as i32,
+        child,
+        log,
+    };
+    let step = Duration::from_secs(10);
+    assert!(e.wait_log("master: ready:", step), "{}", e.log());
+    let addr: SocketAddr = e
+        .log()
+        .split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .expect("a listening address");
+    // A: the one connection child the limit allows.
+    let mut a = connect(addr);
+    assert_eq!(roundtrip(&mut a, b"a").unwrap(), b"a", "{}", e.log());
+    // B and C queue together while the master is stopped, so that it finds
+    // both at one wake-up.
+    // SAFETY: kill(2) on the master this test started.
+    unsafe { libc::kill(e.pid, libc::SIGSTOP) };
+    let mut b = connect(addr);
+    let mut c = connect(addr);
+    b.write_all(b"b").unwrap();
+    c.write_all(b"c").unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(e.pid, libc::SIGCONT) };
+    assert!(
+        e.wait_log("holding the connection from", step),
+        "{}",
+        e.log()
+    );
+    // Several retries fail meanwhile (one every 100 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    for (name, s) in [("B", &mut b), ("C", &mut c)] {
+        match read_byte(s, Duration::from_millis(200)) {
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!(
+                "client {name} while A's child lives: {other:?}\n{}",
+                e.log()
+            ),
+        }
+    }
+    assert_eq!(
+        e.log().matches("holding the connection from").count(),
+        1,
+        "one connection held, the other left in the backlog\n{}",
+        e.log()
+    );
+    // A's child exits: B gets its child and its echo, then C likewise.
+    drop(a);
+    assert_eq!(read_byte(&mut b, step).unwrap(), Some(b'b'), "{}", e.log());
+    assert!(e.wait_log("failed forks", step), "{}", e.log());
+    drop(b);
+    assert_eq!(read_byte(&mut c, step).unwrap(), Some(b'c'), "{}", e.log());
+    // D is held (C's child uses the second process) when SIGTERM comes.
+    let held = e.log().matches("holding the connection from").count() + 1;
+    let mut d = connect(addr);
+    d.write_all(b"d").unwrap();
+    assert!(
+        wait_until(step, || e
+            .log()
+            .matches("holding the connection from")
+            .count()
+            == held),
+        "{}",
+        e.log()
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(e.pid, libc::SIGTERM) };
+    assert!(e.wait_log("the master stops", step), "{}", e.log());
+    match read_byte(&mut d, step) {
+        Ok(None) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the held client D after SIGTERM: {other:?}\n{}", e.log()),
+    }
+    // C still echoes: its child drains.
+    assert_eq!(
+        roundtrip(&mut c, b"still").unwrap(),
+        b"still",
+        "{}",
+        e.log()
+    );
+    drop(c);
+    assert!(
+        wait_until(step, || e.child.try_wait().ok().flatten().is_some()),
+        "the master did not exit\n{}",
+        e.log()
+    );
+    let status = e.child.try_wait().unwrap().unwrap();
+    assert!(status.success(), "{status:?}\n{}", e.log());
+    let log = e.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" ERROR ") && !l.contains("holding the connection from"))
+        .collect();
+    assert!(errors.is_empty(), "unexpected errors {errors:#?}\n{log}");
+}
