@@ -19,9 +19,10 @@ pub mod exit_code {
     pub const OK: i32 = 0;
     /// Something went wrong that a fresh process may not hit again: respawn.
     pub const FAILURE: i32 = 1;
-    /// The child can never start with this config (for example the
-    /// configured user does not exist): respawning would loop, so the master
-    /// stops, like nginx's exit code 2.
+    /// The child can never start with this config (for example it cannot
+    /// switch to the configured user, though the master found that user at
+    /// start): respawning would loop, so the master stops, like nginx's
+    /// exit code 2.
     pub const FATAL: i32 = 2;
     /// The child found its master gone right after fork (the race that
     /// `PR_SET_PDEATHSIG` alone does not close).
