@@ -9,9 +9,10 @@
 //!
 //! Also the **doorbell** of accept balancing: one `eventfd` the master makes
 //! with the mapping, inherited by every worker. A worker that is ahead of
-//! the others in open connections stops accepting for a moment, and rings
-//! it when no other worker is listening, so that those no longer ahead come
-//! back (see [`crate::worker`], "Balancing accepts").
+//! the others in open connections stops accepting for a moment and rings
+//! it, so that those no longer ahead come back: the epoll worker only when
+//! no other worker is listening, the io_uring worker at every pass (see
+//! [`crate::worker`], "Balancing accepts", and [`crate::uring`]).
 //!
 //! Owns: one anonymous shared mapping and the doorbell. The mapping must be
 //! `MAP_SHARED` and made before `fork()`: a private mapping (or a `memmap2`

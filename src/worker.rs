@@ -21,9 +21,14 @@
 //! ## The thundering herd
 //! All workers share each listening socket (inherited, not `SO_REUSEPORT`)
 //! and register it with `EPOLLEXCLUSIVE`: the kernel wakes one waiting
-//! worker per new connection instead of all of them, and only workers that
-//! are actually blocked in `epoll_wait` are candidates, so a busy worker
-//! does not take connections from idle ones. `SO_REUSEPORT` would spread
+//! worker per new connection instead of all of them. The wake-up walks the
+//! listener's wait queue and stops at the first worker blocked in
+//! `epoll_wait`; every worker it passes on the way (busy elsewhere) gets
+//! the listener put on its ready list all the same (`ep_poll_callback`
+//! queues the item before it looks for a waiter), and finds it readable at
+//! its next `epoll_wait`. So a busy worker can still take a connection an
+//! idle one was woken for; the woken one then finds `EAGAIN`, and
+//! `balance` (below) evens out the counts. `SO_REUSEPORT` would spread
 //! connections by hash, but each worker would need its own socket, and
 //! closing one (a reload, a recycled worker) resets the connections waiting
 //! in its queue: a shared queue loses nothing when a worker goes away, which
