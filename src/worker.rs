@@ -118,9 +118,19 @@ const TOKEN_CONN: u64 = 1 << 32;
 /// epoll token of the scoreboard's doorbell (between the listeners and the
 /// connections).
 const TOKEN_DOORBELL: u64 = TOKEN_CONN - 1;
-/// How long accepting pauses after `EMFILE`/`ENFILE`, so that a listener
-/// that stays readable does not spin the CPU (nginx pauses for 500 ms).
+/// How long accepting pauses after `EMFILE`/`ENFILE`, or any `accept`
+/// error that leaves the connection queued (see
+/// [`accept_error_consumes_a_connection`]), so that a listener that stays
+/// readable does not spin the CPU (nginx pauses for 500 ms).
 const ACCEPT_PAUSE_MS: u64 = 100;
+/// The most connections [`Worker::accept_from`] takes from one listener in
+/// one call. A flood (at worst `overload = "reject"` at `max_connections`:
+/// accept and close, over and over) must not keep the worker from
+/// `epoll_wait`, and so from its connections, its heartbeat and its
+/// signals; the listener is level-triggered, so what is left is reported
+/// again at the next turn. The io_uring worker accepts one connection per
+/// request and caps its rescue accepts alike.
+const ACCEPTS_PER_CALL: usize = 64;
 /// Longest sleep in `epoll_wait`: the heartbeat and idle-scan period
 /// (shorter when `worker_timeout` is short: see [`Worker::tick_ms`]).
 const TICK_MS: u64 = 1000;
@@ -189,10 +199,17 @@ impl<'a> Gate<'a> {
         }
     }
 
-    /// `accept` failed with `EMFILE`/`ENFILE`: logs it (at most once a
-    /// second) and returns the pause the worker takes before accepting
-    /// again, so that a listener that stays readable does not spin it.
+    /// `accept` failed with `EMFILE`/`ENFILE`: see [`Gate::accept_failed`].
     pub(crate) fn out_of_descriptors(&mut self, e: &io::Error, now: u64, open: usize) -> Accepting {
+        self.accept_failed(e, now, open)
+    }
+
+    /// `accept` failed and the connection, if any, is still queued
+    /// (`EMFILE`, `ENFILE`, `ENOMEM`, `ENOBUFS`, `EINVAL` on a socket that
+    /// no longer listens...): logs it (at most once a second) and returns
+    /// the pause the worker takes before accepting again, so that a
+    /// listener that stays readable does not spin it.
+    pub(crate) fn accept_failed(&mut self, e: &io::Error, now: u64, open: usize) -> Accepting {
         if now.saturating_sub(self.last_starved_log) >= 1000 {
             log::warn!(
                 "accept: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({open} connections open)"
@@ -345,8 +362,9 @@ pub(crate) enum Accepting {
     On,
     /// `max_connections` reached: resume when a connection closes.
     Full,
-    /// `EMFILE`/`ENFILE`: resume at this `now_ms()`, or when a connection
-    /// closes and frees a descriptor.
+    /// `EMFILE`/`ENFILE`, or another `accept` error that leaves the queue
+    /// as it was: resume at this `now_ms()`, or when a connection closes
+    /// and frees a descriptor (and memory).
     Starved(u64),
     /// Ahead of the accepting worker with the fewest connections
     /// (`balance`): the listeners are out until this `now_ms()`, or until
@@ -634,11 +652,15 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Accepts from listener `i` until `EAGAIN`, the connection cap, a
-    /// descriptor shortage, or (when `balanced`) until this worker is ahead
-    /// of another.
+    /// Accepts from listener `i` until `EAGAIN`, the connection cap, an
+    /// error that leaves the queue as it was (a descriptor shortage...),
+    /// [`ACCEPTS_PER_CALL`] connections, or (when `balanced`) until this
+    /// worker is ahead of another.
     fn accept_from(&mut self, i: usize, balanced: bool) {
-        while self.accepting == Accepting::On {
+        for _ in 0..ACCEPTS_PER_CALL {
+            if self.accepting != Accepting::On {
+                return;
+            }
             let full = self.open >= self.config.max_connections;
             if full && self.config.overload == Overload::Wait {
                 // Clients wait in the backlog until a connection closes.
@@ -663,17 +685,16 @@ impl<'a> Worker<'a> {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    let pause = self.gate.out_of_descriptors(&e, self.now, self.open);
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // That one connection is gone; the queue may hold more.
+                Err(e) if accept_error_consumes_a_connection(&e) => log::debug!("accept: {e}"),
+                // Nothing was taken off the queue: trying again at once
+                // would fail the same way, forever, and this loop would
+                // never get back to epoll_wait.
+                Err(e) => {
+                    let pause = self.gate.accept_failed(&e, self.now, self.open);
                     self.pause_accepting(pause);
                     return;
-                }
-                // ECONNABORTED and friends: that one connection is gone;
-                // the queue may hold more.
-                Err(e) => {
-                    log::debug!("accept: {e}");
-                    continue;
                 }
             }
         }
@@ -880,6 +901,32 @@ impl<'a> Worker<'a> {
         }
         log::info!("draining {} connections", self.open);
     }
+}
+
+/// Whether an `accept` error used up one queued connection, so that the
+/// next `accept` may succeed: `ECONNABORTED` (the client reset it while it
+/// was queued), `EPERM` (a firewall rule refused it), and the network
+/// errors that Linux reports on the new connection through `accept` itself
+/// (accept(2), "Error handling": `EPROTO`, `ENETDOWN`, `ENOPROTOOPT`,
+/// `EHOSTDOWN`, `ENONET`, `EHOSTUNREACH`, `EOPNOTSUPP`, `ENETUNREACH`).
+/// Any other error (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EINVAL` on a
+/// socket that stopped listening...) leaves the queue as it was.
+pub(crate) fn accept_error_consumes_a_connection(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPERM
+                | libc::EPROTO
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
 }
 
 fn peer_of(stream: &TcpStream) -> String {

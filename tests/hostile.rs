@@ -1806,3 +1806,78 @@ mod arbitrary_files {
         }
     }
 }
+
+/// Takes a copy of descriptor `fd` of process `pid` (`pidfd_getfd`: the
+/// same open file description, as `dup` would give; allowed to the parent
+/// that started it).
+fn steal_fd(pid: i32, fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and touches no memory of
+    // ours; it returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_getfd reads only its integer arguments; the pidfd is
+    // ours and closed right after.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd as i32, fd, 0) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: pidfd is a descriptor this function opened and owns.
+    unsafe { libc::close(pidfd as i32) };
+    if got < 0 {
+        return Err(err);
+    }
+    // SAFETY: pidfd_getfd returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(got as i32) })
+}
+
+/// `prefork_worker_survives_a_listener_that_stops_listening`: when the
+/// shared listening socket stops listening (`shutdown(SHUT_RD)` on it, done
+/// here through a copy of the master's descriptor), `accept` fails with
+/// `EINVAL` without taking anything off a queue, and the listener stays
+/// readable. The worker logs `accept: Invalid argument ...; pausing
+/// accepts for 100 ms` and goes on serving the connection it holds (its
+/// echo comes back), instead of retrying `accept` forever; after the
+/// client leaves, SIGTERM stops echod within 10 s.
+#[test]
+fn prefork_worker_survives_a_listener_that_stops_listening() {
+    let mut e = start("prefork", "workers = 1\nidle_timeout = 0");
+    let addr = e.addr();
+    let mut held = connect(addr);
+    echo_on(&mut held, b"before", "the held connection");
+    let inode = tcp_sockets()
+        .values()
+        .find(|s| s.listening() && s.local_port == addr.port())
+        .map(|s| s.inode)
+        .expect("the listening socket in /proc/net/tcp");
+    let fd = std::fs::read_dir(format!("/proc/{}/fd", e.pid))
+        .expect("the master's descriptors")
+        .flatten()
+        .find(|d| {
+            std::fs::read_link(d.path())
+                .is_ok_and(|t| t.to_string_lossy() == format!("socket:[{inode}]"))
+        })
+        .and_then(|d| d.file_name().to_str()?.parse::<i32>().ok())
+        .expect("the master's descriptor of the listening socket");
+    let listener = steal_fd(e.pid, fd).expect("pidfd_getfd");
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown(2) on a descriptor this test owns.
+    let rc = unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RD) };
+    assert_eq!(rc, 0, "shutdown: {}", std::io::Error::last_os_error());
+    assert!(
+        e.wait_log("pausing accepts for 100 ms", LIMIT),
+        "no pause after the failed accept:\n{}",
+        e.log()
+    );
+    // Several pauses later, the worker still serves what it holds.
+    std::thread::sleep(Duration::from_millis(350));
+    echo_on(&mut held, b"after", "the held connection");
+    drop(held);
+    e.signal(libc::SIGTERM);
+    assert!(
+        e.wait_exit(LIMIT).is_some(),
+        "echod did not stop after SIGTERM:\n{}",
+        e.log()
+    );
+    assert!(e.log().contains("accept: Invalid argument"), "{}", e.log());
+}
