@@ -662,7 +662,7 @@ impl<'a> Worker<'a> {
                 return;
             }
             let full = self.open >= self.config.max_connections;
-            if full && self.config.overload == Overload::Wait {
+            if waits_when_full(self.open, self.config) {
                 // Clients wait in the backlog until a connection closes.
                 self.pause_accepting(Accepting::Full);
                 return;
@@ -828,8 +828,12 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Registers the listeners again after a pause, unless this worker is
+    /// full and `overload = "wait"`. A full worker under `"reject"` listens
+    /// on: it accepts and closes what comes (see [`Worker::accept_from`]),
+    /// so that clients learn at once instead of waiting in the backlog.
     fn resume_or_log(&mut self) {
-        if self.open >= self.config.max_connections {
+        if waits_when_full(self.open, self.config) {
             self.pause_accepting(Accepting::Full);
             return;
         }
@@ -901,6 +905,13 @@ impl<'a> Worker<'a> {
         }
         log::info!("draining {} connections", self.open);
     }
+}
+
+/// Whether a worker holding `open` connections stops accepting: at
+/// `max_connections` with `overload = "wait"` (with `"reject"` it goes on
+/// accepting, to close at once what it cannot serve).
+fn waits_when_full(open: usize, config: &Config) -> bool {
+    open >= config.max_connections && config.overload == Overload::Wait
 }
 
 /// Whether an `accept` error used up one queued connection, so that the
@@ -1031,6 +1042,26 @@ mod tests {
         board.cell(other).set_taking(Taking::No);
         balance.ring_if_alone(now);
         assert!(rang(), "nobody else takes connections");
+    }
+
+    #[test]
+    fn only_a_full_worker_under_overload_wait_stops_accepting() {
+        let wait = Config {
+            max_connections: 2,
+            overload: Overload::Wait,
+            ..Config::default()
+        };
+        let reject = Config {
+            overload: Overload::Reject,
+            ..wait.clone()
+        };
+        assert!(!waits_when_full(1, &wait));
+        assert!(waits_when_full(2, &wait));
+        assert!(waits_when_full(3, &wait));
+        // A full worker under "reject" resumes listening after a pause (a
+        // pass, a descriptor shortage) and closes what it cannot serve.
+        assert!(!waits_when_full(2, &reject));
+        assert!(!waits_when_full(3, &reject));
     }
 
     #[test]
