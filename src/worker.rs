@@ -210,9 +210,22 @@ impl<'a> Gate<'a> {
     /// the pause the worker takes before accepting again, so that a
     /// listener that stays readable does not spin it.
     pub(crate) fn accept_failed(&mut self, e: &io::Error, now: u64, open: usize) -> Accepting {
+        self.pause_after("accept", e, now, open)
+    }
+
+    /// `what` failed in a way that a pause may cure (descriptors or memory
+    /// run short): logs it (at most once a second) and returns the pause
+    /// the worker takes before accepting again.
+    pub(crate) fn pause_after(
+        &mut self,
+        what: &str,
+        e: &io::Error,
+        now: u64,
+        open: usize,
+    ) -> Accepting {
         if now.saturating_sub(self.last_starved_log) >= 1000 {
             log::warn!(
-                "accept: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({open} connections open)"
+                "{what}: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({open} connections open)"
             );
             self.last_starved_log = now;
         }
@@ -838,11 +851,22 @@ impl<'a> Worker<'a> {
             return;
         }
         if let Err(e) = self.resume_accepting() {
-            log::error!("cannot resume accepting: {e}");
+            // Try again after a pause rather than at every loop turn (a
+            // pause whose end has passed would make epoll_wait return at
+            // once, over and over).
+            let e = io::Error::from(e);
+            let pause =
+                self.gate
+                    .pause_after("epoll_ctl(ADD) of a listener", &e, self.now, self.open);
+            self.pause_accepting(pause);
         }
     }
 
-    /// Registers every listener in epoll again.
+    /// Registers every listener in epoll again: all of them, or none (the
+    /// ones added before a failure are deleted again, so that no listener
+    /// is registered while `accepting` says it is not: its level-triggered
+    /// events would wake the worker for nothing, and the next resume would
+    /// fail with `EEXIST`).
     fn resume_accepting(&mut self) -> nix::Result<()> {
         if matches!(self.accepting, Accepting::On | Accepting::Closed) {
             return Ok(());
@@ -852,7 +876,12 @@ impl<'a> Worker<'a> {
                 EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
                 TOKEN_LISTENER + i as u64,
             );
-            self.epoll.add(l, ev)?;
+            if let Err(e) = self.epoll.add(l, ev) {
+                for added in &self.listeners[..i] {
+                    let _ = self.epoll.delete(added);
+                }
+                return Err(e);
+            }
         }
         self.accepting = Accepting::On;
         self.gate.cell().set_taking(Taking::Listening);
