@@ -67,7 +67,9 @@
 //! scoreboard's **doorbell**, an `eventfd` every worker waits on
 //! (edge-triggered, never read), and the passing workers that are no
 //! longer ahead come back. A listening worker that hears it looks at the
-//! queues. Ringing only then matters with many workers: a ring wakes every
+//! queues. A worker that stops listening altogether (full, out of
+//! descriptors, draining) rings in the same case: it may have been the
+//! last one listening. Ringing only then matters with many workers: a ring wakes every
 //! idle worker.
 //!
 //! The margin keeps churn (many short connections, counts moving by one
@@ -510,9 +512,37 @@ impl<'a> Balance<'a> {
     /// would only wake every idle worker for nothing: with many workers
     /// and many short connections, that is most passes.
     pub(crate) fn ring_if_alone(&self, now: u64) {
-        if !self.others(now).listening {
+        if !self.others_after_my_change(now).listening {
             self.seat.board.ring();
         }
+    }
+
+    /// Rings the doorbell for a worker that stopped listening altogether
+    /// (full, out of descriptors, draining) if no other worker listens and
+    /// some pass: this worker may have been the last one listening, and
+    /// without a ring the passing ones would hear of the next connection
+    /// only when their pass ends ([`PASS_MS`]). A worker that does not
+    /// balance leaves this to the others, like everything about balancing.
+    pub(crate) fn ring_if_last_listener(&self, now: u64) {
+        if !self.on {
+            return;
+        }
+        let others = self.others_after_my_change(now);
+        if !others.listening && others.fewest.is_some() {
+            self.seat.board.ring();
+        }
+    }
+
+    /// [`Balance::others`], for a worker that has just published a change
+    /// of its own `taking`. The store and these loads are Relaxed; the
+    /// SeqCst fence between them makes the pair a Dekker handshake: of two
+    /// workers that change at once (both pass, or one passes as the other
+    /// stops listening), at least one sees the other's new state, so they
+    /// cannot both believe the other is still listening and both skip the
+    /// ring.
+    fn others_after_my_change(&self, now: u64) -> Others {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.others(now)
     }
 
     /// Rings the doorbell whoever listens (the io_uring worker: see
@@ -905,14 +935,22 @@ impl<'a> Worker<'a> {
 
     /// Takes the listeners out of epoll. `EPOLLEXCLUSIVE` registrations
     /// cannot be modified, only deleted and added again.
+    ///
+    /// A worker that stops listening for good or for a while (not a pass:
+    /// its caller rings as balancing says) rings the doorbell if the others
+    /// all pass (see [`Balance::ring_if_last_listener`]).
     fn pause_accepting(&mut self, why: Accepting) {
-        if self.accepting == Accepting::On {
+        let was_listening = self.accepting == Accepting::On;
+        if was_listening {
             for l in &self.listeners {
                 let _ = self.epoll.delete(l);
             }
         }
         self.accepting = why;
         self.gate.cell().set_taking(why.taking());
+        if was_listening && why.taking() == Taking::No {
+            self.balance.ring_if_last_listener(self.now);
+        }
     }
 
     /// `SIGTERM`: stop accepting for good and finish the open connections.
@@ -1071,6 +1109,44 @@ mod tests {
         board.cell(other).set_taking(Taking::No);
         balance.ring_if_alone(now);
         assert!(rang(), "nobody else takes connections");
+    }
+
+    #[test]
+    fn a_worker_that_stops_listening_rings_only_for_passing_workers() {
+        let mut board = Scoreboard::new().unwrap();
+        let (me, other) = (board.claim().unwrap(), board.claim().unwrap());
+        let config = Config::default();
+        let seat = Seat {
+            board: &board,
+            slot: me,
+            master: None,
+        };
+        let balance = Balance::new(&config, seat);
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+        epoll
+            .add(balance.doorbell().unwrap(), EpollEvent::new(flags, 1))
+            .unwrap();
+        let mut events = [EpollEvent::empty(); 2];
+        let mut rang = || epoll.wait(&mut events, 0u16).unwrap() == 1;
+        let now = 100_000;
+        board.cell(other).beat(now, 0);
+        board.cell(other).set_taking(Taking::Passing);
+        balance.ring_if_last_listener(now);
+        assert!(rang(), "the other passes: bring it back");
+        board.cell(other).set_taking(Taking::Listening);
+        balance.ring_if_last_listener(now);
+        assert!(!rang(), "the other listens already");
+        board.cell(other).set_taking(Taking::No);
+        balance.ring_if_last_listener(now);
+        assert!(!rang(), "nobody to bring back");
+        board.cell(other).set_taking(Taking::Passing);
+        let off = Config {
+            balance: false,
+            ..Config::default()
+        };
+        Balance::new(&off, seat).ring_if_last_listener(now);
+        assert!(!rang(), "a worker that does not balance does not ring");
     }
 
     #[test]
