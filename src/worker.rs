@@ -183,9 +183,8 @@ impl crate::echo::Io for SocketIo<'_> {
 pub(crate) struct Gate<'a> {
     config: &'a Config,
     seat: Seat<'a>,
-    /// When each refused address was last logged (at most once a second
-    /// per address; pruned as it grows).
-    refusals_logged: std::collections::HashMap<std::net::IpAddr, u64>,
+    /// The rate limit of the `max_connections_per_ip` refusal lines.
+    refusals: RefusalLog,
     last_overload_log: u64,
     last_starved_log: u64,
 }
@@ -195,7 +194,7 @@ impl<'a> Gate<'a> {
         Gate {
             config,
             seat,
-            refusals_logged: std::collections::HashMap::new(),
+            refusals: RefusalLog::default(),
             last_overload_log: 0,
             last_starved_log: 0,
         }
@@ -279,17 +278,17 @@ impl<'a> Gate<'a> {
             return Some(key);
         }
         board.ip_sub(self.seat.slot, key);
-        if self.refusals_logged.len() > 4096 {
-            self.refusals_logged
-                .retain(|_, t| now.saturating_sub(*t) < 1000);
-        }
-        let last = self.refusals_logged.entry(peer.ip()).or_insert(0);
-        if *last == 0 || now.saturating_sub(*last) >= 1000 {
-            *last = now;
-            log::warn!(
+        match self.refusals.note(peer.ip(), now) {
+            Some(0) => log::warn!(
                 "{} has max_connections_per_ip ({cap}) connections: refusing {peer}",
                 peer.ip()
-            );
+            ),
+            Some(unlogged) => log::warn!(
+                "{} has max_connections_per_ip ({cap}) connections: refusing {peer} \
+                 ({unlogged} more refusals not logged since the last such line)",
+                peer.ip()
+            ),
+            None => {}
         }
         None
     }
@@ -318,6 +317,45 @@ impl<'a> Gate<'a> {
     /// This worker's scoreboard cell.
     pub(crate) fn cell(&self) -> &'a crate::scoreboard::Cell {
         self.seat.board.cell(self.seat.slot)
+    }
+}
+
+/// How many refused addresses a worker names in its log per second.
+const REFUSALS_LOGGED_PER_SEC: usize = 16;
+
+/// The rate limit of the `max_connections_per_ip` refusal lines: each
+/// address at most once per one-second window, and at most
+/// [`REFUSALS_LOGGED_PER_SEC`] addresses per window; the refusals not
+/// logged are counted, and the next line says how many. Its memory is
+/// fixed whatever the flood (a map of every refused address, pruned as it
+/// grows, would be scanned whole at every refusal once more addresses than
+/// its bound were refused within a second).
+#[derive(Debug, Default)]
+struct RefusalLog {
+    /// `now_ms()` at the start of the current window.
+    window: u64,
+    /// The addresses logged in the current window: at most
+    /// [`REFUSALS_LOGGED_PER_SEC`].
+    logged: Vec<std::net::IpAddr>,
+    /// Refusals not logged since the last line.
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    /// Notes a refusal of `ip` at `now`: `Some(n)` if it is to be logged,
+    /// `n` being the refusals not logged since the previous line; `None` if
+    /// not (it is counted).
+    fn note(&mut self, ip: std::net::IpAddr, now: u64) -> Option<u64> {
+        if self.logged.is_empty() || now.saturating_sub(self.window) >= 1000 {
+            self.window = now;
+            self.logged.clear();
+        }
+        if self.logged.len() >= REFUSALS_LOGGED_PER_SEC || self.logged.contains(&ip) {
+            self.unlogged += 1;
+            return None;
+        }
+        self.logged.push(ip);
+        Some(std::mem::take(&mut self.unlogged))
     }
 }
 
@@ -1147,6 +1185,29 @@ mod tests {
         };
         Balance::new(&off, seat).ring_if_last_listener(now);
         assert!(!rang(), "a worker that does not balance does not ring");
+    }
+
+    #[test]
+    fn refusals_are_logged_once_a_second_per_address_and_sixteen_addresses_at_most() {
+        let ip = |i: u32| std::net::IpAddr::from(std::net::Ipv4Addr::from(0x7f00_0000 + i));
+        let mut log = RefusalLog::default();
+        let t = 100_000;
+        assert_eq!(log.note(ip(1), t), Some(0));
+        assert_eq!(log.note(ip(1), t + 10), None, "once a second per address");
+        assert_eq!(log.note(ip(2), t + 20), Some(1), "the repeat was counted");
+        for i in 3..=REFUSALS_LOGGED_PER_SEC as u32 {
+            assert_eq!(log.note(ip(i), t + 20), Some(0));
+        }
+        // Past the bound, whatever the flood: counted, not logged, and
+        // the memory stays the same.
+        for i in 0..10_000 {
+            assert_eq!(log.note(ip(1000 + i), t + 30), None);
+        }
+        assert_eq!(log.logged.len(), REFUSALS_LOGGED_PER_SEC);
+        // The next window: the next line tells what was not logged.
+        assert_eq!(log.note(ip(1), t + 1000), Some(10_000));
+        assert_eq!(log.note(ip(2), t + 1001), Some(0));
+        assert_eq!(log.note(ip(1), t + 1500), None);
     }
 
     #[test]
