@@ -1881,3 +1881,79 @@ fn prefork_worker_survives_a_listener_that_stops_listening() {
     );
     assert!(e.log().contains("accept: Invalid argument"), "{}", e.log());
 }
+
+/// `fork_child_keeps_its_idle_timeout_after_a_sighup`: in fork mode with
+/// `idle_timeout = "1s"`, a connection child sent `SIGHUP` (and `SIGUSR1`,
+/// `SIGTTIN`: signals only the master acts on) while it waits for its
+/// client lives on, and still closes the silent connection between 0.8 s
+/// and 1.6 s after its last echo, as without the signals (not never: a
+/// signal that interrupts the wait must not leave the child in a read
+/// with no timeout).
+#[test]
+fn fork_child_keeps_its_idle_timeout_after_a_sighup() {
+    let e = start("fork", "idle_timeout = \"1s\"");
+    let mut s = connect(e.addr());
+    echo_on(&mut s, b"one echo", "the connection");
+    let last_echo = Instant::now();
+    let mut children = Vec::new();
+    assert!(
+        wait_until(LIMIT, || {
+            children = live_children_named(e.pid, "echod-conn");
+            !children.is_empty()
+        }),
+        "no connection child"
+    );
+    assert_eq!(children.len(), 1, "{children:?}");
+    let child = children[0];
+    std::thread::sleep(Duration::from_millis(100));
+    for sig in [libc::SIGHUP, libc::SIGUSR1, libc::SIGTTIN] {
+        kill(child, sig);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        alive(child) && state(child) != Some('T'),
+        "the child did not survive the signals: {:?}",
+        state(child)
+    );
+    let closed = wait_closed(&mut s, Duration::from_secs(5)).map(|_| last_echo.elapsed());
+    eprintln!("closed {closed:?} after the last echo");
+    let closed = closed.expect("the connection was still open 5 s after the signals");
+    assert!(
+        closed >= Duration::from_millis(800) && closed <= Duration::from_millis(1600),
+        "closed {closed:?} after the last echo (idle_timeout 1s)"
+    );
+    e.assert_no_errors();
+}
+
+/// `fork_stuck_send_is_closed_at_idle_timeout`: in fork mode with
+/// `idle_timeout = "1s"`, a client that sends without reading until its
+/// writes block, then falls silent, loses its connection child about 1 s
+/// after the last byte the child moved: within 1.25 s of the client seeing
+/// its writes blocked for 300 ms, not the 2 s that one full send timeout
+/// per write would take (a first write that moves a part, then a second
+/// that moves nothing).
+#[test]
+fn fork_stuck_send_is_closed_at_idle_timeout() {
+    let e = start("fork", "buffer_size = 65536\nidle_timeout = \"1s\"");
+    let pattern = payload(11, PERIOD);
+    let mut slow = connect(e.addr());
+    let (sent, blocked) = send_until_blocked(&mut slow, &pattern, Duration::from_millis(300));
+    let since = Instant::now();
+    assert!(
+        blocked,
+        "the slow client's writes never blocked ({sent} bytes sent)"
+    );
+    let gone = wait_until(Duration::from_secs(5), || {
+        live_children_named(e.pid, "echod-conn").is_empty()
+    });
+    let took = since.elapsed();
+    eprintln!("the connection child exited {took:?} after the client's writes blocked for 300 ms");
+    assert!(gone, "the connection child still runs 5 s later");
+    assert!(
+        took <= Duration::from_millis(1250),
+        "the connection child exited {took:?} after the client's writes blocked for 300 ms"
+    );
+    drop(slow);
+    echo_once(e.addr(), b"the next client");
+    e.assert_no_errors();
+}
