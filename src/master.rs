@@ -150,7 +150,7 @@ impl Master {
         } = setup;
         let sigs: Vec<i32> = MASTER_SIGNALS.iter().map(|s| s.signal).collect();
         let signals = SignalPipe::new(&sigs).map_err(MasterError::Signals)?;
-        let board = Scoreboard::new().map_err(MasterError::Scoreboard)?;
+        let board = Scoreboard::new(&config).map_err(MasterError::Scoreboard)?;
         let pid = nix::unistd::getpid();
         Ok(Master {
             wanted: config.workers,

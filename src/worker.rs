@@ -187,6 +187,7 @@ pub(crate) struct Gate<'a> {
     refusals: RefusalLog,
     last_overload_log: u64,
     last_starved_log: u64,
+    last_table_full_log: u64,
 }
 
 impl<'a> Gate<'a> {
@@ -197,6 +198,7 @@ impl<'a> Gate<'a> {
             refusals: RefusalLog::default(),
             last_overload_log: 0,
             last_starved_log: 0,
+            last_table_full_log: 0,
         }
     }
 
@@ -270,14 +272,33 @@ impl<'a> Gate<'a> {
         };
         let board = self.seat.board;
         let key = board.ip_key(peer.ip());
-        // Count first, then check: two workers admitting the same address at
-        // once both see both counts, so neither lets the address past its
-        // cap (at worst both refuse).
-        board.ip_add(self.seat.slot, key);
-        if board.ip_total(key) as usize <= cap {
-            return Some(key);
+        if board.ip_add(self.seat.slot, key) {
+            // Counted first, then checked: of two workers admitting the
+            // same address at once, at least one sees the other's count
+            // (see Scoreboard::ip_add), so they cannot both let the address
+            // past its cap (at worst both refuse).
+            if board.ip_total(key) as usize <= cap {
+                return Some(key);
+            }
+            board.ip_sub(self.seat.slot, key);
+        } else {
+            // This worker's table has no room for another address (a
+            // reload raised max_connections past what the scoreboard was
+            // sized for): the cap still holds against what the workers
+            // counted, and this connection is not counted.
+            if now.saturating_sub(self.last_table_full_log) >= 1000 {
+                self.last_table_full_log = now;
+                log::warn!(
+                    "max_connections_per_ip: this worker counts at most {} distinct addresses \
+                     (the scoreboard was sized at start); {peer} is not counted; \
+                     restart echod to count more",
+                    board.ip_addresses()
+                );
+            }
+            if (board.ip_total(key) as usize) < cap {
+                return Some(IpKey::default());
+            }
         }
-        board.ip_sub(self.seat.slot, key);
         match self.refusals.note(peer.ip(), now) {
             Some(0) => log::warn!(
                 "{} has max_connections_per_ip ({cap}) connections: refusing {peer}",
@@ -293,9 +314,10 @@ impl<'a> Gate<'a> {
         None
     }
 
-    /// Takes a closed connection out of the per-address count.
+    /// Takes a closed connection out of the per-address count (if it was
+    /// counted).
     pub(crate) fn release(&self, key: IpKey) {
-        if self.config.max_connections_per_ip > 0 {
+        if key.is_counted() {
             self.seat.board.ip_sub(self.seat.slot, key);
         }
     }
@@ -1065,7 +1087,7 @@ mod tests {
 
     #[test]
     fn a_worker_is_ahead_by_two_connections_or_an_eighth() {
-        let mut board = Scoreboard::new().unwrap();
+        let mut board = Scoreboard::new(&Config::default()).unwrap();
         let (me, other) = (board.claim().unwrap(), board.claim().unwrap());
         let config = Config::default();
         assert!(config.balance, "balance is on by default");
@@ -1120,7 +1142,7 @@ mod tests {
 
     #[test]
     fn a_worker_that_passes_rings_only_when_nobody_else_listens() {
-        let mut board = Scoreboard::new().unwrap();
+        let mut board = Scoreboard::new(&Config::default()).unwrap();
         let (me, other) = (board.claim().unwrap(), board.claim().unwrap());
         let config = Config::default();
         let seat = Seat {
@@ -1151,7 +1173,7 @@ mod tests {
 
     #[test]
     fn a_worker_that_stops_listening_rings_only_for_passing_workers() {
-        let mut board = Scoreboard::new().unwrap();
+        let mut board = Scoreboard::new(&Config::default()).unwrap();
         let (me, other) = (board.claim().unwrap(), board.claim().unwrap());
         let config = Config::default();
         let seat = Seat {

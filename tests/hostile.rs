@@ -1957,3 +1957,91 @@ fn fork_stuck_send_is_closed_at_idle_timeout() {
     echo_once(e.addr(), b"the next client");
     e.assert_no_errors();
 }
+
+/// The body of the many-addresses tests: with two workers and
+/// `max_connections_per_ip = 1`, 2048 distinct loopback addresses
+/// (127.0.8.0 and up) each open one connection and hold it; then 100 more
+/// addresses come. Every one of them holds nothing, so every one must be
+/// admitted (an estimate of the per-address counts, a count-min sketch of
+/// 1024 buckets per worker, refused about 780 of the 2048, and most of the
+/// 100). A second connection from a held address is still refused.
+fn per_ip_cap_admits_every_new_address(mode: &str) {
+    let e = start(
+        mode,
+        "workers = 2\nmax_connections = 2048\nmax_connections_per_ip = 1\nidle_timeout = 0",
+    );
+    let addr = e.addr();
+    let source = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x7f00_0800 + i));
+    // Opens one connection from each of `sources`, then checks that each
+    // echoes; returns the connections and the refused sources.
+    let open = |sources: std::ops::Range<u32>| {
+        let mut conns: Vec<(u32, TcpStream)> = sources
+            .map(|i| {
+                let s = connect_from(source(i), addr, LIMIT)
+                    .unwrap_or_else(|e| panic!("connect from {}: {e}", source(i)));
+                (i, s)
+            })
+            .collect();
+        for (_, s) in &mut conns {
+            s.write_all(b"mine?").expect("write");
+        }
+        let mut refused = Vec::new();
+        for (i, s) in &mut conns {
+            let mut buf = [0u8; 5];
+            match s.read_exact(&mut buf) {
+                Ok(()) if &buf == b"mine?" => {}
+                Ok(()) => panic!("{}: wrong echo {buf:?}", source(*i)),
+                Err(_) => refused.push(source(*i)),
+            }
+        }
+        (conns, refused)
+    };
+    let (held, refused) = open(0..2048);
+    assert!(
+        refused.is_empty(),
+        "{} of 2048 addresses holding nothing were refused, first {:?}",
+        refused.len(),
+        &refused[..refused.len().min(5)]
+    );
+    // The cap is counted across both workers, so both must hold some.
+    let holding = tcp_sockets_of_each(&e.workers())
+        .values()
+        .filter(|socks| socks.len() > 100)
+        .count();
+    assert_eq!(
+        holding, 2,
+        "the connections are not spread over both workers"
+    );
+    let (more, refused) = open(2048..2148);
+    assert!(
+        refused.is_empty(),
+        "{} of 100 new addresses were refused, first {:?}",
+        refused.len(),
+        &refused[..refused.len().min(5)]
+    );
+    // The cap itself still holds: a second connection from a held
+    // address is refused.
+    let mut second = connect_from(source(7), addr, LIMIT).expect("connect");
+    let closed = wait_closed(&mut second, Duration::from_secs(3));
+    assert!(
+        closed.is_some(),
+        "{}'s second connection was admitted",
+        source(7)
+    );
+    drop((held, more));
+    e.assert_no_errors();
+}
+
+/// `prefork_per_ip_cap_admits_every_new_address`: see
+/// [`per_ip_cap_admits_every_new_address`].
+#[test]
+fn prefork_per_ip_cap_admits_every_new_address() {
+    per_ip_cap_admits_every_new_address("prefork");
+}
+
+/// `io_uring_per_ip_cap_admits_every_new_address`: the same with the
+/// io_uring worker.
+#[test]
+fn io_uring_per_ip_cap_admits_every_new_address() {
+    per_ip_cap_admits_every_new_address("io_uring");
+}
