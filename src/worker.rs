@@ -67,10 +67,10 @@
 //! scoreboard's **doorbell**, an `eventfd` every worker waits on
 //! (edge-triggered, never read), and the passing workers that are no
 //! longer ahead come back. A listening worker that hears it looks at the
-//! queues. A worker that stops listening altogether (full, out of
-//! descriptors, draining) rings in the same case: it may have been the
-//! last one listening. Ringing only then matters with many workers: a ring wakes every
-//! idle worker.
+//! queues. Ringing only then matters with many workers: a ring wakes every
+//! idle worker. A worker that stops listening altogether (full, out of
+//! descriptors, draining) rings in the same case, when the others all
+//! pass: it may have been the last one listening.
 //!
 //! The margin keeps churn (many short connections, counts moving by one
 //! all the time) from passing back and forth: measured, connections per
@@ -282,10 +282,11 @@ impl<'a> Gate<'a> {
             }
             board.ip_sub(self.seat.slot, key);
         } else {
-            // This worker's table has no room for another address (a
-            // reload raised max_connections past what the scoreboard was
-            // sized for): the cap still holds against what the workers
-            // counted, and this connection is not counted.
+            // This worker's table has no room for another address (the
+            // scoreboard was sized at start, and a reload raised
+            // max_connections or set max_connections_per_ip since): the
+            // cap still holds against what the workers counted, and this
+            // connection is not counted.
             if now.saturating_sub(self.last_table_full_log) >= 1000 {
                 self.last_table_full_log = now;
                 log::warn!(
