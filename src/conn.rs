@@ -7,81 +7,150 @@
 //! pipe just after `fork()` (see `Master::fork_connection`). Signals:
 //! `SIGTERM` is ignored (the child has nothing to stop accepting, so a
 //! graceful stop lets it finish its client; the master kills it after
-//! `shutdown_timeout`); `SIGINT` and `SIGQUIT` end it at once.
+//! `shutdown_timeout`); `SIGINT` and `SIGQUIT` end it at once; the
+//! master's other signals (`SIGHUP`, `SIGUSR1`, ...) are ignored.
+//!
+//! Every wait (for input, or for room to write the echo) ends at the idle
+//! deadline, `idle_timeout` after the last byte moved, however many
+//! signals or partial writes come in between (see `BlockingIo`).
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{signal, SigHandler, Signal};
+use nix::sys::socket::{send, MsgFlags};
 
 use crate::config::Config;
 use crate::echo::{Close, Echo, Next};
 use crate::process::exit_code;
 
-/// Blocking reads and writes on the connection.
-struct BlockingIo<'a>(&'a TcpStream);
+/// The connection, read and written by blocking calls bounded by the idle
+/// timeout.
+///
+/// With an idle timeout, every wait ends at `last_moved + idle`: a wait
+/// for input (`poll`), and a write that the client's full window holds up
+/// (a non-blocking `send`, then `poll` for room). A byte moved in either
+/// direction moves the deadline, as in the prefork worker, so a client
+/// that reads its echo slowly keeps its connection, and one that stopped
+/// reading loses it `idle_timeout` after the last byte it took. A wait
+/// interrupted by a signal resumes for the time left, never longer.
+struct BlockingIo<'a> {
+    stream: &'a TcpStream,
+    /// `None`: no timeout (`idle_timeout = 0`), plain blocking calls.
+    idle: Option<Duration>,
+    /// When the last byte moved, in either direction.
+    last_moved: Instant,
+}
+
+/// How a bounded wait ended.
+enum Waited {
+    Ready,
+    TimedOut,
+}
+
+impl BlockingIo<'_> {
+    /// Waits until the socket is ready for `flags` or the idle deadline
+    /// passes.
+    fn wait(&self, flags: PollFlags) -> io::Result<Waited> {
+        let Some(idle) = self.idle else {
+            return Ok(Waited::Ready);
+        };
+        let deadline = self.last_moved + idle;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Waited::TimedOut);
+            }
+            // Rounded up: a wait that ends early is only waited again.
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            let mut fds = [PollFd::new(self.stream.as_fd(), flags)];
+            match poll(
+                &mut fds,
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+            ) {
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => return Ok(Waited::Ready),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
 
 impl crate::echo::Io for BlockingIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        io::Read::read(&mut self.0, buf)
+        let n = io::Read::read(&mut self.stream, buf)?;
+        self.last_moved = Instant::now();
+        Ok(n)
     }
+
+    /// Writes what the kernel takes at once, or waits for room until the
+    /// idle deadline; `WouldBlock` once it has passed.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        io::Write::write(&mut self.0, buf)
+        if self.idle.is_none() {
+            return io::Write::write(&mut self.stream, buf);
+        }
+        loop {
+            match send(
+                self.stream.as_raw_fd(),
+                buf,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(n) => {
+                    self.last_moved = Instant::now();
+                    return Ok(n);
+                }
+                Err(Errno::EAGAIN) => match self.wait(PollFlags::POLLOUT)? {
+                    Waited::Ready => continue,
+                    Waited::TimedOut => return Err(io::ErrorKind::WouldBlock.into()),
+                },
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
 /// Serves one connection until the client closes it, it idles for
 /// `idle_timeout`, or an error; returns the exit code.
 pub fn serve(stream: TcpStream, peer: SocketAddr, config: &Config) -> i32 {
-    // SAFETY: setting a disposition to SIG_IGN or SIG_DFL installs no
-    // handler code; the signal-hook handlers the master had for these
-    // signals were unregistered when its signal pipe was dropped.
-    unsafe {
-        let _ = signal(Signal::SIGTERM, SigHandler::SigIgn);
-        let _ = signal(Signal::SIGINT, SigHandler::SigDfl);
-        let _ = signal(Signal::SIGQUIT, SigHandler::SigDfl);
-    }
+    reset_signals();
     crate::process::unblock_signals();
     if let Err(e) = stream.set_nonblocking(false) {
         log::warn!("connection from {peer}: {e}");
         return exit_code::FAILURE;
     }
     let _ = stream.set_nodelay(true);
-    let idle = config.idle_timeout;
-    // A client that sends but does not read would block a write forever:
-    // SO_SNDTIMEO bounds it by the idle timeout (the write then fails with
-    // EAGAIN, which `on_writable` reports as still waiting to write).
-    if !idle.is_zero() {
-        let _ = stream.set_write_timeout(Some(idle));
-    }
+    let idle = Some(config.idle_timeout).filter(|d| !d.is_zero());
     log::debug!("connection from {peer}");
     let mut buf = vec![0u8; config.buffer_size];
     let mut echo = Echo::new();
-    let mut io = BlockingIo(&stream);
+    let mut io = BlockingIo {
+        stream: &stream,
+        idle,
+        last_moved: Instant::now(),
+    };
     loop {
-        if !idle.is_zero() {
-            let ms = idle.as_millis().min(i32::MAX as u128) as i32;
-            let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
-            match poll(
-                &mut fds,
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-            ) {
-                Ok(0) => {
-                    log::debug!("connection from {peer} idle for {idle:?}; closing");
-                    return exit_code::OK;
-                }
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => {
-                    log::warn!("poll: {e}");
-                    return exit_code::FAILURE;
-                }
+        match io.wait(PollFlags::POLLIN) {
+            Ok(Waited::Ready) => {}
+            Ok(Waited::TimedOut) => {
+                log::debug!(
+                    "connection from {peer} idle for {:?}; closing",
+                    config.idle_timeout
+                );
+                return exit_code::OK;
+            }
+            Err(e) => {
+                log::warn!("poll: {e}");
+                return exit_code::FAILURE;
             }
         }
-        // A blocking write returns short only when interrupted or timed
-        // out; `on_writable` retries until everything is written or the
-        // send timeout expires (it then answers `Write` again).
+        // A write the client's window holds up waits for room until the
+        // idle deadline (see BlockingIo); `on_writable` then answers
+        // `Write` again.
         let mut next = echo.on_readable(&mut io, &mut buf);
         if next == Next::Write {
             next = echo.on_writable(&mut io);
@@ -89,7 +158,10 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, config: &Config) -> i32 {
         match next {
             Next::Read => {}
             Next::Write => {
-                log::debug!("connection from {peer} does not read its echo for {idle:?}; closing");
+                log::debug!(
+                    "connection from {peer} does not read its echo for {:?}; closing",
+                    config.idle_timeout
+                );
                 return exit_code::OK;
             }
             Next::Close(Close::Done) | Next::Close(Close::Reset) => {
@@ -104,5 +176,30 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, config: &Config) -> i32 {
                 return exit_code::OK;
             }
         }
+    }
+}
+
+/// Sets the disposition of every signal the master catches, before the
+/// child unblocks them. The master's handlers were unregistered when its
+/// signal pipe was dropped, but the handler code stays installed with
+/// nothing to do: a signal would still interrupt the child's `poll`
+/// (`EINTR`). `SIGINT` and `SIGQUIT` take their default action (end the
+/// child), and so does `SIGCHLD` (ignored: the child has no children);
+/// every other one is ignored: `SIGTERM` (see the module header), and the
+/// master's own (`SIGHUP`, `SIGUSR1`, `SIGUSR2`, `SIGTTIN`, `SIGTTOU`),
+/// which mean nothing to one connection.
+fn reset_signals() {
+    for spec in crate::signals::MASTER_SIGNALS {
+        let Ok(sig) = Signal::try_from(spec.signal) else {
+            continue;
+        };
+        let handler = match sig {
+            Signal::SIGINT | Signal::SIGQUIT | Signal::SIGCHLD => SigHandler::SigDfl,
+            _ => SigHandler::SigIgn,
+        };
+        // SAFETY: setting a disposition to SIG_IGN or SIG_DFL installs no
+        // handler code; the signal-hook handlers the master had for these
+        // signals were unregistered when its signal pipe was dropped.
+        let _ = unsafe { signal(sig, handler) };
     }
 }

@@ -129,7 +129,7 @@ fn main() -> ExitCode {
         readiness.ready();
         // The same scoreboard a pool would use, with one slot: the worker
         // loop is the same code either way.
-        let mut board = match echod::scoreboard::Scoreboard::new() {
+        let mut board = match echod::scoreboard::Scoreboard::new(&config) {
             Ok(b) => b,
             Err(e) => return fail(&mut readiness, 1, format!("scoreboard mmap: {e}")),
         };

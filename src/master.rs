@@ -192,7 +192,13 @@ impl Master {
         let resources = SignalPipe::new(&sigs)
             .map_err(MasterError::Signals)
             .and_then(|s| Ok((s, Bell::new().map_err(MasterError::Bell)?)))
-            .and_then(|(s, b)| Ok((s, b, Scoreboard::new().map_err(MasterError::Scoreboard)?)));
+            .and_then(|(s, b)| {
+                Ok((
+                    s,
+                    b,
+                    Scoreboard::new(&config).map_err(MasterError::Scoreboard)?,
+                ))
+            });
         let (signals, bell, board) = match resources {
             Ok(r) => r,
             Err(e) => {

@@ -22,9 +22,14 @@
 //! ## The thundering herd
 //! All workers share each listening socket (inherited, not `SO_REUSEPORT`)
 //! and register it with `EPOLLEXCLUSIVE`: the kernel wakes one waiting
-//! worker per new connection instead of all of them, and only workers that
-//! are actually blocked in `epoll_wait` are candidates, so a busy worker
-//! does not take connections from idle ones. `SO_REUSEPORT` would spread
+//! worker per new connection instead of all of them. The wake-up walks the
+//! listener's wait queue and stops at the first worker blocked in
+//! `epoll_wait`; every worker it passes on the way (busy elsewhere) gets
+//! the listener put on its ready list all the same (`ep_poll_callback`
+//! queues the item before it looks for a waiter), and finds it readable at
+//! its next `epoll_wait`. So a busy worker can still take a connection an
+//! idle one was woken for; the woken one then finds `EAGAIN`, and
+//! `balance` (below) evens out the counts. `SO_REUSEPORT` would spread
 //! connections by hash, but each worker would need its own socket, and
 //! closing one (a reload, a recycled worker) resets the connections waiting
 //! in its queue: a shared queue loses nothing when a worker goes away, which
@@ -64,7 +69,9 @@
 //! (edge-triggered, never read), and the passing workers that are no
 //! longer ahead come back. A listening worker that hears it looks at the
 //! queues. Ringing only then matters with many workers: a ring wakes every
-//! idle worker.
+//! idle worker. A worker that stops listening altogether (full, out of
+//! descriptors, draining) rings in the same case, when the others all
+//! pass: it may have been the last one listening.
 //!
 //! The margin keeps churn (many short connections, counts moving by one
 //! all the time) from passing back and forth: measured, connections per
@@ -114,9 +121,19 @@ const TOKEN_CONN: u64 = 1 << 32;
 /// epoll token of the scoreboard's doorbell (between the listeners and the
 /// connections).
 const TOKEN_DOORBELL: u64 = TOKEN_CONN - 1;
-/// How long accepting pauses after `EMFILE`/`ENFILE`, so that a listener
-/// that stays readable does not spin the CPU (nginx pauses for 500 ms).
+/// How long accepting pauses after `EMFILE`/`ENFILE`, or any `accept`
+/// error that leaves the connection queued (see
+/// [`accept_error_consumes_a_connection`]), so that a listener that stays
+/// readable does not spin the CPU (nginx pauses for 500 ms).
 const ACCEPT_PAUSE_MS: u64 = 100;
+/// The most connections [`Worker::accept_from`] takes from one listener in
+/// one call. A flood (at worst `overload = "reject"` at `max_connections`:
+/// accept and close, over and over) must not keep the worker from
+/// `epoll_wait`, and so from its connections, its heartbeat and its
+/// signals; the listener is level-triggered, so what is left is reported
+/// again at the next turn. The io_uring worker accepts one connection per
+/// request and caps its rescue accepts alike.
+const ACCEPTS_PER_CALL: usize = 64;
 /// Longest sleep in `epoll_wait`: the heartbeat and idle-scan period
 /// (shorter when `worker_timeout` is short: see [`Worker::tick_ms`]).
 const TICK_MS: u64 = 1000;
@@ -167,11 +184,11 @@ impl crate::echo::Io for SocketIo<'_> {
 pub(crate) struct Gate<'a> {
     config: &'a Config,
     seat: Seat<'a>,
-    /// When each refused address was last logged (at most once a second
-    /// per address; pruned as it grows).
-    refusals_logged: std::collections::HashMap<std::net::IpAddr, u64>,
+    /// The rate limit of the `max_connections_per_ip` refusal lines.
+    refusals: RefusalLog,
     last_overload_log: u64,
     last_starved_log: u64,
+    last_table_full_log: u64,
 }
 
 impl<'a> Gate<'a> {
@@ -179,19 +196,40 @@ impl<'a> Gate<'a> {
         Gate {
             config,
             seat,
-            refusals_logged: std::collections::HashMap::new(),
+            refusals: RefusalLog::default(),
             last_overload_log: 0,
             last_starved_log: 0,
+            last_table_full_log: 0,
         }
     }
 
-    /// `accept` failed with `EMFILE`/`ENFILE`: logs it (at most once a
-    /// second) and returns the pause the worker takes before accepting
-    /// again, so that a listener that stays readable does not spin it.
+    /// `accept` failed with `EMFILE`/`ENFILE`: see [`Gate::accept_failed`].
     pub(crate) fn out_of_descriptors(&mut self, e: &io::Error, now: u64, open: usize) -> Accepting {
+        self.accept_failed(e, now, open)
+    }
+
+    /// `accept` failed and the connection, if any, is still queued
+    /// (`EMFILE`, `ENFILE`, `ENOMEM`, `ENOBUFS`, `EINVAL` on a socket that
+    /// no longer listens...): logs it (at most once a second) and returns
+    /// the pause the worker takes before accepting again, so that a
+    /// listener that stays readable does not spin it.
+    pub(crate) fn accept_failed(&mut self, e: &io::Error, now: u64, open: usize) -> Accepting {
+        self.pause_after("accept", e, now, open)
+    }
+
+    /// `what` failed in a way that a pause may cure (descriptors or memory
+    /// run short): logs it (at most once a second) and returns the pause
+    /// the worker takes before accepting again.
+    pub(crate) fn pause_after(
+        &mut self,
+        what: &str,
+        e: &io::Error,
+        now: u64,
+        open: usize,
+    ) -> Accepting {
         if now.saturating_sub(self.last_starved_log) >= 1000 {
             log::warn!(
-                "accept: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({open} connections open)"
+                "{what}: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({open} connections open)"
             );
             self.last_starved_log = now;
         }
@@ -235,32 +273,53 @@ impl<'a> Gate<'a> {
         };
         let board = self.seat.board;
         let key = board.ip_key(peer.ip());
-        // Count first, then check: two workers admitting the same address at
-        // once both see both counts, so neither lets the address past its
-        // cap (at worst both refuse).
-        board.ip_add(self.seat.slot, key);
-        if board.ip_total(key) as usize <= cap {
-            return Some(key);
+        if board.ip_add(self.seat.slot, key) {
+            // Counted first, then checked: of two workers admitting the
+            // same address at once, at least one sees the other's count
+            // (see Scoreboard::ip_add), so they cannot both let the address
+            // past its cap (at worst both refuse).
+            if board.ip_total(key) as usize <= cap {
+                return Some(key);
+            }
+            board.ip_sub(self.seat.slot, key);
+        } else {
+            // This worker's table has no room for another address (the
+            // scoreboard was sized at start, and a reload raised
+            // max_connections or set max_connections_per_ip since): the
+            // cap still holds against what the workers counted, and this
+            // connection is not counted.
+            if now.saturating_sub(self.last_table_full_log) >= 1000 {
+                self.last_table_full_log = now;
+                log::warn!(
+                    "max_connections_per_ip: this worker counts at most {} distinct addresses \
+                     (the scoreboard was sized at start); {peer} is not counted; \
+                     restart echod to count more",
+                    board.ip_addresses()
+                );
+            }
+            if (board.ip_total(key) as usize) < cap {
+                return Some(IpKey::default());
+            }
         }
-        board.ip_sub(self.seat.slot, key);
-        if self.refusals_logged.len() > 4096 {
-            self.refusals_logged
-                .retain(|_, t| now.saturating_sub(*t) < 1000);
-        }
-        let last = self.refusals_logged.entry(peer.ip()).or_insert(0);
-        if *last == 0 || now.saturating_sub(*last) >= 1000 {
-            *last = now;
-            log::warn!(
+        match self.refusals.note(peer.ip(), now) {
+            Some(0) => log::warn!(
                 "{} has max_connections_per_ip ({cap}) connections: refusing {peer}",
                 peer.ip()
-            );
+            ),
+            Some(unlogged) => log::warn!(
+                "{} has max_connections_per_ip ({cap}) connections: refusing {peer} \
+                 ({unlogged} more refusals not logged since the last such line)",
+                peer.ip()
+            ),
+            None => {}
         }
         None
     }
 
-    /// Takes a closed connection out of the per-address count.
+    /// Takes a closed connection out of the per-address count (if it was
+    /// counted).
     pub(crate) fn release(&self, key: IpKey) {
-        if self.config.max_connections_per_ip > 0 {
+        if key.is_counted() {
             self.seat.board.ip_sub(self.seat.slot, key);
         }
     }
@@ -283,6 +342,45 @@ impl<'a> Gate<'a> {
     /// This worker's scoreboard cell.
     pub(crate) fn cell(&self) -> &'a crate::scoreboard::Cell {
         self.seat.board.cell(self.seat.slot)
+    }
+}
+
+/// How many refused addresses a worker names in its log per second.
+const REFUSALS_LOGGED_PER_SEC: usize = 16;
+
+/// The rate limit of the `max_connections_per_ip` refusal lines: each
+/// address at most once per one-second window, and at most
+/// [`REFUSALS_LOGGED_PER_SEC`] addresses per window; the refusals not
+/// logged are counted, and the next line says how many. Its memory is
+/// fixed whatever the flood (a map of every refused address, pruned as it
+/// grows, would be scanned whole at every refusal once more addresses than
+/// its bound were refused within a second).
+#[derive(Debug, Default)]
+struct RefusalLog {
+    /// `now_ms()` at the start of the current window.
+    window: u64,
+    /// The addresses logged in the current window: at most
+    /// [`REFUSALS_LOGGED_PER_SEC`].
+    logged: Vec<std::net::IpAddr>,
+    /// Refusals not logged since the last line.
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    /// Notes a refusal of `ip` at `now`: `Some(n)` if it is to be logged,
+    /// `n` being the refusals not logged since the previous line; `None` if
+    /// not (it is counted).
+    fn note(&mut self, ip: std::net::IpAddr, now: u64) -> Option<u64> {
+        if self.logged.is_empty() || now.saturating_sub(self.window) >= 1000 {
+            self.window = now;
+            self.logged.clear();
+        }
+        if self.logged.len() >= REFUSALS_LOGGED_PER_SEC || self.logged.contains(&ip) {
+            self.unlogged += 1;
+            return None;
+        }
+        self.logged.push(ip);
+        Some(std::mem::take(&mut self.unlogged))
     }
 }
 
@@ -343,8 +441,9 @@ pub(crate) enum Accepting {
     On,
     /// `max_connections` reached: resume when a connection closes.
     Full,
-    /// `EMFILE`/`ENFILE`: resume at this `now_ms()`, or when a connection
-    /// closes and frees a descriptor.
+    /// `EMFILE`/`ENFILE`, or another `accept` error that leaves the queue
+    /// as it was: resume at this `now_ms()`, or when a connection closes
+    /// and frees a descriptor (and memory).
     Starved(u64),
     /// Ahead of the accepting worker with the fewest connections
     /// (`balance`): the listeners are out until this `now_ms()`, or until
@@ -477,9 +576,37 @@ impl<'a> Balance<'a> {
     /// would only wake every idle worker for nothing: with many workers
     /// and many short connections, that is most passes.
     pub(crate) fn ring_if_alone(&self, now: u64) {
-        if !self.others(now).listening {
+        if !self.others_after_my_change(now).listening {
             self.seat.board.ring();
         }
+    }
+
+    /// Rings the doorbell for a worker that stopped listening altogether
+    /// (full, out of descriptors, draining) if no other worker listens and
+    /// some pass: this worker may have been the last one listening, and
+    /// without a ring the passing ones would hear of the next connection
+    /// only when their pass ends ([`PASS_MS`]). A worker that does not
+    /// balance leaves this to the others, like everything about balancing.
+    pub(crate) fn ring_if_last_listener(&self, now: u64) {
+        if !self.on {
+            return;
+        }
+        let others = self.others_after_my_change(now);
+        if !others.listening && others.fewest.is_some() {
+            self.seat.board.ring();
+        }
+    }
+
+    /// [`Balance::others`], for a worker that has just published a change
+    /// of its own `taking`. The store and these loads are Relaxed; the
+    /// SeqCst fence between them makes the pair a Dekker handshake: of two
+    /// workers that change at once (both pass, or one passes as the other
+    /// stops listening), at least one sees the other's new state, so they
+    /// cannot both believe the other is still listening and both skip the
+    /// ring.
+    fn others_after_my_change(&self, now: u64) -> Others {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.others(now)
     }
 
     /// Rings the doorbell whoever listens (the io_uring worker: see
@@ -632,13 +759,17 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Accepts from listener `i` until `EAGAIN`, the connection cap, a
-    /// descriptor shortage, or (when `balanced`) until this worker is ahead
-    /// of another.
+    /// Accepts from listener `i` until `EAGAIN`, the connection cap, an
+    /// error that leaves the queue as it was (a descriptor shortage...),
+    /// [`ACCEPTS_PER_CALL`] connections, or (when `balanced`) until this
+    /// worker is ahead of another.
     fn accept_from(&mut self, i: usize, balanced: bool) {
-        while self.accepting == Accepting::On {
+        for _ in 0..ACCEPTS_PER_CALL {
+            if self.accepting != Accepting::On {
+                return;
+            }
             let full = self.open >= self.config.max_connections;
-            if full && self.config.overload == Overload::Wait {
+            if waits_when_full(self.open, self.config) {
                 // Clients wait in the backlog until a connection closes.
                 self.pause_accepting(Accepting::Full);
                 return;
@@ -661,17 +792,16 @@ impl<'a> Worker<'a> {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    let pause = self.gate.out_of_descriptors(&e, self.now, self.open);
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // That one connection is gone; the queue may hold more.
+                Err(e) if accept_error_consumes_a_connection(&e) => log::debug!("accept: {e}"),
+                // Nothing was taken off the queue: trying again at once
+                // would fail the same way, forever, and this loop would
+                // never get back to epoll_wait.
+                Err(e) => {
+                    let pause = self.gate.accept_failed(&e, self.now, self.open);
                     self.pause_accepting(pause);
                     return;
-                }
-                // ECONNABORTED and friends: that one connection is gone;
-                // the queue may hold more.
-                Err(e) => {
-                    log::debug!("accept: {e}");
-                    continue;
                 }
             }
         }
@@ -805,17 +935,32 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Registers the listeners again after a pause, unless this worker is
+    /// full and `overload = "wait"`. A full worker under `"reject"` listens
+    /// on: it accepts and closes what comes (see [`Worker::accept_from`]),
+    /// so that clients learn at once instead of waiting in the backlog.
     fn resume_or_log(&mut self) {
-        if self.open >= self.config.max_connections {
+        if waits_when_full(self.open, self.config) {
             self.pause_accepting(Accepting::Full);
             return;
         }
         if let Err(e) = self.resume_accepting() {
-            log::error!("cannot resume accepting: {e}");
+            // Try again after a pause rather than at every loop turn (a
+            // pause whose end has passed would make epoll_wait return at
+            // once, over and over).
+            let e = io::Error::from(e);
+            let pause =
+                self.gate
+                    .pause_after("epoll_ctl(ADD) of a listener", &e, self.now, self.open);
+            self.pause_accepting(pause);
         }
     }
 
-    /// Registers every listener in epoll again.
+    /// Registers every listener in epoll again: all of them, or none (the
+    /// ones added before a failure are deleted again, so that no listener
+    /// is registered while `accepting` says it is not: its level-triggered
+    /// events would wake the worker for nothing, and the next resume would
+    /// fail with `EEXIST`).
     fn resume_accepting(&mut self) -> nix::Result<()> {
         if matches!(self.accepting, Accepting::On | Accepting::Closed) {
             return Ok(());
@@ -825,7 +970,12 @@ impl<'a> Worker<'a> {
                 EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
                 TOKEN_LISTENER + i as u64,
             );
-            self.epoll.add(l, ev)?;
+            if let Err(e) = self.epoll.add(l, ev) {
+                for added in &self.listeners[..i] {
+                    let _ = self.epoll.delete(added);
+                }
+                return Err(e);
+            }
         }
         self.accepting = Accepting::On;
         self.gate.cell().set_taking(Taking::Listening);
@@ -849,14 +999,22 @@ impl<'a> Worker<'a> {
 
     /// Takes the listeners out of epoll. `EPOLLEXCLUSIVE` registrations
     /// cannot be modified, only deleted and added again.
+    ///
+    /// A worker that stops listening for good or for a while (not a pass:
+    /// its caller rings as balancing says) rings the doorbell if the others
+    /// all pass (see [`Balance::ring_if_last_listener`]).
     fn pause_accepting(&mut self, why: Accepting) {
-        if self.accepting == Accepting::On {
+        let was_listening = self.accepting == Accepting::On;
+        if was_listening {
             for l in &self.listeners {
                 let _ = self.epoll.delete(l);
             }
         }
         self.accepting = why;
         self.gate.cell().set_taking(why.taking());
+        if was_listening && why.taking() == Taking::No {
+            self.balance.ring_if_last_listener(self.now);
+        }
     }
 
     /// `SIGTERM`: stop accepting for good and finish the open connections.
@@ -880,6 +1038,39 @@ impl<'a> Worker<'a> {
     }
 }
 
+/// Whether a worker holding `open` connections stops accepting: at
+/// `max_connections` with `overload = "wait"` (with `"reject"` it goes on
+/// accepting, to close at once what it cannot serve).
+fn waits_when_full(open: usize, config: &Config) -> bool {
+    open >= config.max_connections && config.overload == Overload::Wait
+}
+
+/// Whether an `accept` error used up one queued connection, so that the
+/// next `accept` may succeed: `ECONNABORTED` (the client reset it while it
+/// was queued), `EPERM` (a firewall rule refused it), and the network
+/// errors that Linux reports on the new connection through `accept` itself
+/// (accept(2), "Error handling": `EPROTO`, `ENETDOWN`, `ENOPROTOOPT`,
+/// `EHOSTDOWN`, `ENONET`, `EHOSTUNREACH`, `EOPNOTSUPP`, `ENETUNREACH`).
+/// Any other error (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EINVAL` on a
+/// socket that stopped listening...) leaves the queue as it was.
+pub(crate) fn accept_error_consumes_a_connection(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPERM
+                | libc::EPROTO
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
+}
+
 fn peer_of(stream: &TcpStream) -> String {
     stream
         .peer_addr()
@@ -900,7 +1091,7 @@ mod tests {
 
     #[test]
     fn a_worker_is_ahead_by_two_connections_or_an_eighth() {
-        let mut board = Scoreboard::new().unwrap();
+        let mut board = Scoreboard::new(&Config::default()).unwrap();
         let (me, other) = (board.claim().unwrap(), board.claim().unwrap());
         let config = Config::default();
         assert!(config.balance, "balance is on by default");
@@ -955,7 +1146,7 @@ mod tests {
 
     #[test]
     fn a_worker_that_passes_rings_only_when_nobody_else_listens() {
-        let mut board = Scoreboard::new().unwrap();
+        let mut board = Scoreboard::new(&Config::default()).unwrap();
         let (me, other) = (board.claim().unwrap(), board.claim().unwrap());
         let config = Config::default();
         let seat = Seat {
@@ -982,6 +1173,87 @@ mod tests {
         board.cell(other).set_taking(Taking::No);
         balance.ring_if_alone(now);
         assert!(rang(), "nobody else takes connections");
+    }
+
+    #[test]
+    fn a_worker_that_stops_listening_rings_only_for_passing_workers() {
+        let mut board = Scoreboard::new(&Config::default()).unwrap();
+        let (me, other) = (board.claim().unwrap(), board.claim().unwrap());
+        let config = Config::default();
+        let seat = Seat {
+            board: &board,
+            slot: me,
+            bell: None,
+        };
+        let balance = Balance::new(&config, seat);
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+        epoll
+            .add(balance.doorbell().unwrap(), EpollEvent::new(flags, 1))
+            .unwrap();
+        let mut events = [EpollEvent::empty(); 2];
+        let mut rang = || epoll.wait(&mut events, 0u16).unwrap() == 1;
+        let now = 100_000;
+        board.cell(other).beat(now, 0);
+        board.cell(other).set_taking(Taking::Passing);
+        balance.ring_if_last_listener(now);
+        assert!(rang(), "the other passes: bring it back");
+        board.cell(other).set_taking(Taking::Listening);
+        balance.ring_if_last_listener(now);
+        assert!(!rang(), "the other listens already");
+        board.cell(other).set_taking(Taking::No);
+        balance.ring_if_last_listener(now);
+        assert!(!rang(), "nobody to bring back");
+        board.cell(other).set_taking(Taking::Passing);
+        let off = Config {
+            balance: false,
+            ..Config::default()
+        };
+        Balance::new(&off, seat).ring_if_last_listener(now);
+        assert!(!rang(), "a worker that does not balance does not ring");
+    }
+
+    #[test]
+    fn refusals_are_logged_once_a_second_per_address_and_sixteen_addresses_at_most() {
+        let ip = |i: u32| std::net::IpAddr::from(std::net::Ipv4Addr::from(0x7f00_0000 + i));
+        let mut log = RefusalLog::default();
+        let t = 100_000;
+        assert_eq!(log.note(ip(1), t), Some(0));
+        assert_eq!(log.note(ip(1), t + 10), None, "once a second per address");
+        assert_eq!(log.note(ip(2), t + 20), Some(1), "the repeat was counted");
+        for i in 3..=REFUSALS_LOGGED_PER_SEC as u32 {
+            assert_eq!(log.note(ip(i), t + 20), Some(0));
+        }
+        // Past the bound, whatever the flood: counted, not logged, and
+        // the memory stays the same.
+        for i in 0..10_000 {
+            assert_eq!(log.note(ip(1000 + i), t + 30), None);
+        }
+        assert_eq!(log.logged.len(), REFUSALS_LOGGED_PER_SEC);
+        // The next window: the next line tells what was not logged.
+        assert_eq!(log.note(ip(1), t + 1000), Some(10_000));
+        assert_eq!(log.note(ip(2), t + 1001), Some(0));
+        assert_eq!(log.note(ip(1), t + 1500), None);
+    }
+
+    #[test]
+    fn only_a_full_worker_under_overload_wait_stops_accepting() {
+        let wait = Config {
+            max_connections: 2,
+            overload: Overload::Wait,
+            ..Config::default()
+        };
+        let reject = Config {
+            overload: Overload::Reject,
+            ..wait.clone()
+        };
+        assert!(!waits_when_full(1, &wait));
+        assert!(waits_when_full(2, &wait));
+        assert!(waits_when_full(3, &wait));
+        // A full worker under "reject" resumes listening after a pause (a
+        // pass, a descriptor shortage) and closes what it cannot serve.
+        assert!(!waits_when_full(2, &reject));
+        assert!(!waits_when_full(3, &reject));
     }
 
     #[test]

@@ -1808,3 +1808,242 @@ mod arbitrary_files {
         }
     }
 }
+
+/// Takes a copy of descriptor `fd` of process `pid` (`pidfd_getfd`: the
+/// same open file description, as `dup` would give; allowed to the parent
+/// that started it).
+fn steal_fd(pid: i32, fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and touches no memory of
+    // ours; it returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_getfd reads only its integer arguments; the pidfd is
+    // ours and closed right after.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd as i32, fd, 0) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: pidfd is a descriptor this function opened and owns.
+    unsafe { libc::close(pidfd as i32) };
+    if got < 0 {
+        return Err(err);
+    }
+    // SAFETY: pidfd_getfd returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(got as i32) })
+}
+
+/// `prefork_worker_survives_a_listener_that_stops_listening`: when the
+/// shared listening socket stops listening (`shutdown(SHUT_RD)` on it, done
+/// here through a copy of the master's descriptor), `accept` fails with
+/// `EINVAL` without taking anything off a queue, and the listener stays
+/// readable. The worker logs `accept: Invalid argument ...; pausing
+/// accepts for 100 ms` and goes on serving the connection it holds (its
+/// echo comes back), instead of retrying `accept` forever; after the
+/// client leaves, SIGTERM stops echod within 10 s.
+#[test]
+fn prefork_worker_survives_a_listener_that_stops_listening() {
+    let mut e = start("prefork", "workers = 1\nidle_timeout = 0");
+    let addr = e.addr();
+    let mut held = connect(addr);
+    echo_on(&mut held, b"before", "the held connection");
+    let inode = tcp_sockets()
+        .values()
+        .find(|s| s.listening() && s.local_port == addr.port())
+        .map(|s| s.inode)
+        .expect("the listening socket in /proc/net/tcp");
+    let fd = std::fs::read_dir(format!("/proc/{}/fd", e.pid))
+        .expect("the master's descriptors")
+        .flatten()
+        .find(|d| {
+            std::fs::read_link(d.path())
+                .is_ok_and(|t| t.to_string_lossy() == format!("socket:[{inode}]"))
+        })
+        .and_then(|d| d.file_name().to_str()?.parse::<i32>().ok())
+        .expect("the master's descriptor of the listening socket");
+    let listener = steal_fd(e.pid, fd).expect("pidfd_getfd");
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown(2) on a descriptor this test owns.
+    let rc = unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RD) };
+    assert_eq!(rc, 0, "shutdown: {}", std::io::Error::last_os_error());
+    assert!(
+        e.wait_log("pausing accepts for 100 ms", LIMIT),
+        "no pause after the failed accept:\n{}",
+        e.log()
+    );
+    // Several pauses later, the worker still serves what it holds.
+    std::thread::sleep(Duration::from_millis(350));
+    echo_on(&mut held, b"after", "the held connection");
+    drop(held);
+    e.signal(libc::SIGTERM);
+    assert!(
+        e.wait_exit(LIMIT).is_some(),
+        "echod did not stop after SIGTERM:\n{}",
+        e.log()
+    );
+    assert!(e.log().contains("accept: Invalid argument"), "{}", e.log());
+}
+
+/// `fork_child_keeps_its_idle_timeout_after_a_sighup`: in fork mode with
+/// `idle_timeout = "1s"`, a connection child sent `SIGHUP` (and `SIGUSR1`,
+/// `SIGTTIN`: signals only the master acts on) while it waits for its
+/// client lives on, and still closes the silent connection between 0.8 s
+/// and 1.6 s after its last echo, as without the signals (not never: a
+/// signal that interrupts the wait must not leave the child in a read
+/// with no timeout).
+#[test]
+fn fork_child_keeps_its_idle_timeout_after_a_sighup() {
+    let e = start("fork", "idle_timeout = \"1s\"");
+    let mut s = connect(e.addr());
+    echo_on(&mut s, b"one echo", "the connection");
+    let last_echo = Instant::now();
+    let mut children = Vec::new();
+    assert!(
+        wait_until(LIMIT, || {
+            children = live_children_named(e.pid, "echod-conn");
+            !children.is_empty()
+        }),
+        "no connection child"
+    );
+    assert_eq!(children.len(), 1, "{children:?}");
+    let child = children[0];
+    std::thread::sleep(Duration::from_millis(100));
+    for sig in [libc::SIGHUP, libc::SIGUSR1, libc::SIGTTIN] {
+        kill(child, sig);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        alive(child) && state(child) != Some('T'),
+        "the child did not survive the signals: {:?}",
+        state(child)
+    );
+    let closed = wait_closed(&mut s, Duration::from_secs(5)).map(|_| last_echo.elapsed());
+    eprintln!("closed {closed:?} after the last echo");
+    let closed = closed.expect("the connection was still open 5 s after the signals");
+    assert!(
+        closed >= Duration::from_millis(800) && closed <= Duration::from_millis(1600),
+        "closed {closed:?} after the last echo (idle_timeout 1s)"
+    );
+    e.assert_no_errors();
+}
+
+/// `fork_stuck_send_is_closed_at_idle_timeout`: in fork mode with
+/// `idle_timeout = "1s"`, a client that sends without reading until its
+/// writes block, then falls silent, loses its connection child about 1 s
+/// after the last byte the child moved: within 1.25 s of the client seeing
+/// its writes blocked for 300 ms, not the 2 s that one full send timeout
+/// per write would take (a first write that moves a part, then a second
+/// that moves nothing).
+#[test]
+fn fork_stuck_send_is_closed_at_idle_timeout() {
+    let e = start("fork", "buffer_size = 65536\nidle_timeout = \"1s\"");
+    let pattern = payload(11, PERIOD);
+    let mut slow = connect(e.addr());
+    let (sent, blocked) = send_until_blocked(&mut slow, &pattern, Duration::from_millis(300));
+    let since = Instant::now();
+    assert!(
+        blocked,
+        "the slow client's writes never blocked ({sent} bytes sent)"
+    );
+    let gone = wait_until(Duration::from_secs(5), || {
+        live_children_named(e.pid, "echod-conn").is_empty()
+    });
+    let took = since.elapsed();
+    eprintln!("the connection child exited {took:?} after the client's writes blocked for 300 ms");
+    assert!(gone, "the connection child still runs 5 s later");
+    assert!(
+        took <= Duration::from_millis(1250),
+        "the connection child exited {took:?} after the client's writes blocked for 300 ms"
+    );
+    drop(slow);
+    echo_once(e.addr(), b"the next client");
+    e.assert_no_errors();
+}
+
+/// The body of the many-addresses tests: with two workers and
+/// `max_connections_per_ip = 1`, 2048 distinct loopback addresses
+/// (127.0.8.0 and up) each open one connection and hold it; then 100 more
+/// addresses come. Every one of them holds nothing, so every one must be
+/// admitted (an estimate of the per-address counts, a count-min sketch of
+/// 1024 buckets per worker, refused about 780 of the 2048, and most of the
+/// 100). A second connection from a held address is still refused.
+fn per_ip_cap_admits_every_new_address(mode: &str) {
+    let e = start(
+        mode,
+        "workers = 2\nmax_connections = 2048\nmax_connections_per_ip = 1\nidle_timeout = 0",
+    );
+    let addr = e.addr();
+    let source = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x7f00_0800 + i));
+    // Opens one connection from each of `sources`, then checks that each
+    // echoes; returns the connections and the refused sources.
+    let open = |sources: std::ops::Range<u32>| {
+        let mut conns: Vec<(u32, TcpStream)> = sources
+            .map(|i| {
+                let s = connect_from(source(i), addr, LIMIT)
+                    .unwrap_or_else(|e| panic!("connect from {}: {e}", source(i)));
+                (i, s)
+            })
+            .collect();
+        for (_, s) in &mut conns {
+            s.write_all(b"mine?").expect("write");
+        }
+        let mut refused = Vec::new();
+        for (i, s) in &mut conns {
+            let mut buf = [0u8; 5];
+            match s.read_exact(&mut buf) {
+                Ok(()) if &buf == b"mine?" => {}
+                Ok(()) => panic!("{}: wrong echo {buf:?}", source(*i)),
+                Err(_) => refused.push(source(*i)),
+            }
+        }
+        (conns, refused)
+    };
+    let (held, refused) = open(0..2048);
+    assert!(
+        refused.is_empty(),
+        "{} of 2048 addresses holding nothing were refused, first {:?}",
+        refused.len(),
+        &refused[..refused.len().min(5)]
+    );
+    // The cap is counted across both workers, so both must hold some.
+    let holding = tcp_sockets_of_each(&e.workers())
+        .values()
+        .filter(|socks| socks.len() > 100)
+        .count();
+    assert_eq!(
+        holding, 2,
+        "the connections are not spread over both workers"
+    );
+    let (more, refused) = open(2048..2148);
+    assert!(
+        refused.is_empty(),
+        "{} of 100 new addresses were refused, first {:?}",
+        refused.len(),
+        &refused[..refused.len().min(5)]
+    );
+    // The cap itself still holds: a second connection from a held
+    // address is refused.
+    let mut second = connect_from(source(7), addr, LIMIT).expect("connect");
+    let closed = wait_closed(&mut second, Duration::from_secs(3));
+    assert!(
+        closed.is_some(),
+        "{}'s second connection was admitted",
+        source(7)
+    );
+    drop((held, more));
+    e.assert_no_errors();
+}
+
+/// `prefork_per_ip_cap_admits_every_new_address`: see
+/// [`per_ip_cap_admits_every_new_address`].
+#[test]
+fn prefork_per_ip_cap_admits_every_new_address() {
+    per_ip_cap_admits_every_new_address("prefork");
+}
+
+/// `io_uring_per_ip_cap_admits_every_new_address`: the same with the
+/// io_uring worker.
+#[test]
+fn io_uring_per_ip_cap_admits_every_new_address() {
+    per_ip_cap_admits_every_new_address("io_uring");
+}
