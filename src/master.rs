@@ -34,6 +34,7 @@ use crate::process::Credentials;
 use crate::process::{self, exit_code, Exit, Fork};
 use crate::scoreboard::{now_ms, Scoreboard};
 use crate::signals::{self, Action, Bell, SignalPipe, MASTER_SIGNALS};
+use crate::worker::RefusalLog;
 use crate::workers::{Backoff, Child, Kill, Phase, Role, WorkerTable};
 
 /// The master's lifecycle.
@@ -144,8 +145,9 @@ pub struct Master {
     daemonized: bool,
     /// Fork mode: live connection children per source address.
     per_ip: HashMap<IpAddr, usize>,
-    /// Fork mode: when each refused address was last logged.
-    refusals_logged: HashMap<IpAddr, Instant>,
+    /// Fork mode: the rate limit of the refusal lines (each address once a
+    /// second, a bounded number of addresses a second).
+    refusals: RefusalLog,
     /// A fast stop's listeners, kept until every child is reaped and then
     /// shut down (see [`Master::finished`]).
     unlisten_at_exit: Vec<Listener>,
@@ -231,7 +233,7 @@ impl Master {
             credentials,
             activated,
             per_ip: HashMap::new(),
-            refusals_logged: HashMap::new(),
+            refusals: RefusalLog::default(),
             daemonized,
             unlisten_at_exit: Vec::new(),
         })
@@ -794,18 +796,12 @@ impl Master {
 
     /// Logs a refused connection at most once a second per address.
     fn log_refusal(&mut self, peer: SocketAddr, why: &str) {
-        let now = Instant::now();
-        if self.refusals_logged.len() > 4096 {
-            self.refusals_logged
-                .retain(|_, t| now.duration_since(*t) < Duration::from_secs(1));
-        }
-        let fresh = match self.refusals_logged.get(&peer.ip()) {
-            Some(t) => now.duration_since(*t) >= Duration::from_secs(1),
-            None => true,
-        };
-        if fresh {
-            self.refusals_logged.insert(peer.ip(), now);
-            log::warn!("{why}: refusing {peer}");
+        match self.refusals.note(peer.ip(), now_ms()) {
+            Some(0) => log::warn!("{why}: refusing {peer}"),
+            Some(unlogged) => log::warn!(
+                "{why}: refusing {peer} ({unlogged} more refusals not logged since the last such line)"
+            ),
+            None => {}
         }
     }
 

@@ -355,8 +355,9 @@ const REFUSALS_LOGGED_PER_SEC: usize = 16;
 /// fixed whatever the flood (a map of every refused address, pruned as it
 /// grows, would be scanned whole at every refusal once more addresses than
 /// its bound were refused within a second).
+/// The master uses it too, for fork mode's refusals.
 #[derive(Debug, Default)]
-struct RefusalLog {
+pub(crate) struct RefusalLog {
     /// `now_ms()` at the start of the current window.
     window: u64,
     /// The addresses logged in the current window: at most
@@ -370,7 +371,7 @@ impl RefusalLog {
     /// Notes a refusal of `ip` at `now`: `Some(n)` if it is to be logged,
     /// `n` being the refusals not logged since the previous line; `None` if
     /// not (it is counted).
-    fn note(&mut self, ip: std::net::IpAddr, now: u64) -> Option<u64> {
+    pub(crate) fn note(&mut self, ip: std::net::IpAddr, now: u64) -> Option<u64> {
         if self.logged.is_empty() || now.saturating_sub(self.window) >= 1000 {
             self.window = now;
             self.logged.clear();
