@@ -222,6 +222,34 @@ pub fn bind_all(addrs: &[SocketAddr], backlog: i32) -> Result<Vec<Listener>, Lis
     addrs.iter().map(|&a| Listener::bind(a, backlog)).collect()
 }
 
+/// Whether an `accept` error used up one queued connection, so that the
+/// next `accept` may succeed: `ECONNABORTED` (the client reset it while it
+/// was queued), `EPERM` (a firewall rule refused it), and the network
+/// errors that Linux reports on the new connection through `accept` itself
+/// (accept(2), "Error handling": `EPROTO`, `ENETDOWN`, `ENOPROTOOPT`,
+/// `EHOSTDOWN`, `ENONET`, `EHOSTUNREACH`, `EOPNOTSUPP`, `ENETUNREACH`).
+/// Any other error (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EINVAL` on a
+/// socket that stopped listening...) leaves the queue as it was. The
+/// workers and fork mode's master both go on accepting after the first
+/// kind, and pause after the second.
+pub fn accept_error_consumes_a_connection(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPERM
+                | libc::EPROTO
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -765,7 +765,9 @@ impl Master {
                     // That one connection is gone (reset before it was
                     // accepted, or a network error accept(2) passes on for
                     // it): the queue may hold more.
-                    Err(e) if is_connection_error(&e) => log::debug!("accept: {e}"),
+                    Err(e) if crate::listener::accept_error_consumes_a_connection(&e) => {
+                        log::debug!("accept: {e}")
+                    }
                     // Out of descriptors (EMFILE, ENFILE) or kernel memory
                     // (ENOBUFS, ENOMEM), or anything unexpected: the next
                     // accept would fail the same way, and the level-triggered
@@ -1160,27 +1162,6 @@ impl Master {
         }
         None
     }
-}
-
-/// Whether an `accept` error concerns only the connection it was about to
-/// return (accept(2): Linux passes on the new connection's pending network
-/// errors, and a firewall may refuse it), so the next one may succeed.
-fn is_connection_error(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::ECONNABORTED
-                | libc::EPROTO
-                | libc::EPERM
-                | libc::ENETDOWN
-                | libc::ENOPROTOOPT
-                | libc::EHOSTDOWN
-                | libc::ENONET
-                | libc::EHOSTUNREACH
-                | libc::EOPNOTSUPP
-                | libc::ENETUNREACH
-        )
-    )
 }
 
 fn mode_name(m: Mode) -> &'static str {

@@ -107,7 +107,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
 use crate::config::{Config, Overload};
 use crate::echo::{Close, Echo, Next};
-use crate::listener::Listener;
+use crate::listener::{accept_error_consumes_a_connection, Listener};
 use crate::process::exit_code;
 use crate::scoreboard::{now_ms, IpKey, Others, Scoreboard, Taking};
 use crate::signals::{SignalPipe, WORKER_SIGNALS};
@@ -1044,32 +1044,6 @@ impl<'a> Worker<'a> {
 /// accepting, to close at once what it cannot serve).
 fn waits_when_full(open: usize, config: &Config) -> bool {
     open >= config.max_connections && config.overload == Overload::Wait
-}
-
-/// Whether an `accept` error used up one queued connection, so that the
-/// next `accept` may succeed: `ECONNABORTED` (the client reset it while it
-/// was queued), `EPERM` (a firewall rule refused it), and the network
-/// errors that Linux reports on the new connection through `accept` itself
-/// (accept(2), "Error handling": `EPROTO`, `ENETDOWN`, `ENOPROTOOPT`,
-/// `EHOSTDOWN`, `ENONET`, `EHOSTUNREACH`, `EOPNOTSUPP`, `ENETUNREACH`).
-/// Any other error (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EINVAL` on a
-/// socket that stopped listening...) leaves the queue as it was.
-pub(crate) fn accept_error_consumes_a_connection(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::ECONNABORTED
-                | libc::EPERM
-                | libc::EPROTO
-                | libc::ENETDOWN
-                | libc::ENOPROTOOPT
-                | libc::EHOSTDOWN
-                | libc::ENONET
-                | libc::EHOSTUNREACH
-                | libc::EOPNOTSUPP
-                | libc::ENETUNREACH
-        )
-    )
 }
 
 fn peer_of(stream: &TcpStream) -> String {
