@@ -1119,22 +1119,28 @@ mod tests {
         assert!(balance.doorbell().is_some());
     }
 
-    #[test]
-    fn a_worker_that_passes_rings_only_when_nobody_else_listens() {
-        let mut board = Scoreboard::new(&Config::default()).unwrap();
-        let (me, other) = (board.claim().unwrap(), board.claim().unwrap());
-        let config = Config::default();
+    /// Slot `me`'s balancing, with the default config, and an epoll set
+    /// that waits on the doorbell as a worker does (edge-triggered).
+    fn watching_the_doorbell(board: &Scoreboard, me: usize) -> (Balance<'_>, Epoll) {
         let seat = Seat {
-            board: &board,
+            board,
             slot: me,
             bell: None,
         };
-        let balance = Balance::new(&config, seat);
+        let balance = Balance::new(&Config::default(), seat);
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
         let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
         epoll
             .add(balance.doorbell().unwrap(), EpollEvent::new(flags, 1))
             .unwrap();
+        (balance, epoll)
+    }
+
+    #[test]
+    fn a_worker_that_passes_rings_only_when_nobody_else_listens() {
+        let mut board = Scoreboard::new(&Config::default()).unwrap();
+        let (me, other) = (board.claim().unwrap(), board.claim().unwrap());
+        let (balance, epoll) = watching_the_doorbell(&board, me);
         let mut events = [EpollEvent::empty(); 2];
         let mut rang = || epoll.wait(&mut events, 0u16).unwrap() == 1;
         let now = 100_000;
@@ -1154,18 +1160,7 @@ mod tests {
     fn a_worker_that_stops_listening_rings_only_for_passing_workers() {
         let mut board = Scoreboard::new(&Config::default()).unwrap();
         let (me, other) = (board.claim().unwrap(), board.claim().unwrap());
-        let config = Config::default();
-        let seat = Seat {
-            board: &board,
-            slot: me,
-            bell: None,
-        };
-        let balance = Balance::new(&config, seat);
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
-        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
-        epoll
-            .add(balance.doorbell().unwrap(), EpollEvent::new(flags, 1))
-            .unwrap();
+        let (balance, epoll) = watching_the_doorbell(&board, me);
         let mut events = [EpollEvent::empty(); 2];
         let mut rang = || epoll.wait(&mut events, 0u16).unwrap() == 1;
         let now = 100_000;
@@ -1183,6 +1178,11 @@ mod tests {
         let off = Config {
             balance: false,
             ..Config::default()
+        };
+        let seat = Seat {
+            board: &board,
+            slot: me,
+            bell: None,
         };
         Balance::new(&off, seat).ring_if_last_listener(now);
         assert!(!rang(), "a worker that does not balance does not ring");
