@@ -650,41 +650,6 @@ fn balance_spreads_connections_over_io_uring_workers() {
     balance_spreads_connections("io = \"io_uring\"");
 }
 
-/// An echod master started by [`fork_failure_holds_the_connection`] as an
-/// unprivileged user with `RLIMIT_NPROC`, which the harness's [`Start`]
-/// cannot do; killed with its descendants, by pid, on drop.
-struct LimitedEchod {
-    child: std::process::Child,
-    pid: i32,
-    log: Arc<std::sync::Mutex<String>>,
-}
-
-impl LimitedEchod {
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-    fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
-        wait_until(timeout, || self.log().contains(needle))
-    }
-}
-
-impl Drop for LimitedEchod {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let all = descendants(self.pid);
-            // SAFETY: kill(2) on the master this test started and its
-            // descendants found in /proc.
-            unsafe {
-                libc::kill(self.pid, libc::SIGKILL);
-                for p in &all {
-                    libc::kill(*p, libc::SIGKILL);
-                }
-            }
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// Reads one byte from `s` within `limit`: `Ok(Some(b))`, `Ok(None)` at
 /// the end of the stream, `Err` on a timeout or a reset.
 fn read_byte(s: &mut TcpStream, limit: Duration) -> std::io::Result<Option<u8>> {
@@ -710,8 +675,7 @@ fn read_byte(s: &mut TcpStream, limit: Duration) -> std::io::Result<Option<u8>> 
 /// `RLIMIT_NPROC`); skipped otherwise.
 #[test]
 fn fork_failure_holds_the_connection() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::os::unix::process::CommandExt;
+    use std::io::Write;
     // SAFETY: geteuid(2) takes no argument and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIP: fork_failure_holds_the_connection needs root");
@@ -719,57 +683,16 @@ fn fork_failure_holds_the_connection() {
     }
     // A uid nothing else runs as, so that the process count is echod's.
     let uid = 47_000 + std::process::id() % 10_000;
-    let dir = TempDir::new("nproc");
-    let cfg = dir.path("echod.toml");
-    std::fs::write(
-        &cfg,
+    // RLIMIT_NPROC = 2: the master and one connection child.
+    let mut e = Start::config(
         "listen = [\"127.0.0.1:0\"]\nmode = \"fork\"\nshutdown_timeout = \"20s\"\n\
          [log]\ntarget = \"stderr\"\nlevel = \"info\"\n",
     )
-    .unwrap();
-    let mut cmd = echod_command();
-    cmd.arg("--config").arg(&cfg).uid(uid).gid(uid);
-    // SAFETY: the closure only calls setrlimit(2), async-signal-safe,
-    // between fork and exec (after the uid change, which it follows).
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 2,
-                rlim_max: 2,
-            };
-            if libc::setrlimit(libc::RLIMIT_NPROC, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("spawn echod");
-    let log = Arc::new(std::sync::Mutex::new(String::new()));
-    {
-        let log = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stderr);
-            let mut line = String::new();
-            while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
-                log.lock().unwrap().push_str(&line);
-                line.clear();
-            }
-        });
-    }
-    let mut e = LimitedEchod {
-        pid: child.id() as i32,
-        child,
-        log,
-    };
+    .uid(uid)
+    .nproc(2)
+    .spawn();
     let step = Duration::from_secs(10);
-    assert!(e.wait_log("master: ready:", step), "{}", e.log());
-    let addr: SocketAddr = e
-        .log()
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .expect("a listening address");
+    let addr = e.addr();
     // A: the one connection child the limit allows.
     let mut a = connect(addr);
     assert_eq!(roundtrip(&mut a, b"a").unwrap(), b"a", "{}", e.log());
@@ -845,11 +768,11 @@ fn fork_failure_holds_the_connection() {
     );
     drop(c);
     assert!(
-        wait_until(step, || e.child.try_wait().ok().flatten().is_some()),
+        e.wait_exit(step).is_some(),
         "the master did not exit\n{}",
         e.log()
     );
-    let status = e.child.try_wait().unwrap().unwrap();
+    let status = e.wait_exit(step).unwrap();
     assert!(status.success(), "{status:?}\n{}", e.log());
     let log = e.log();
     let errors: Vec<&str> = log

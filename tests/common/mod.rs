@@ -90,6 +90,10 @@ pub struct Start<'a> {
     pub wait_ready: bool,
     /// `RLIMIT_NOFILE` (soft and hard) for echod, as `prlimit --nofile`.
     pub nofile: Option<u64>,
+    /// `RLIMIT_NPROC` (soft and hard) for echod, as `prlimit --nproc`.
+    pub nproc: Option<u64>,
+    /// Start echod as this uid and gid (needs root).
+    pub uid: Option<u32>,
 }
 
 impl<'a> Start<'a> {
@@ -100,7 +104,17 @@ impl<'a> Start<'a> {
             env: vec![],
             wait_ready: true,
             nofile: None,
+            nproc: None,
+            uid: None,
         }
+    }
+    pub fn nproc(mut self, n: u64) -> Self {
+        self.nproc = Some(n);
+        self
+    }
+    pub fn uid(mut self, uid: u32) -> Self {
+        self.uid = Some(uid);
+        self
     }
     pub fn nofile(mut self, n: u64) -> Self {
         self.nofile = Some(n);
@@ -138,19 +152,31 @@ impl Echod {
         for (k, v) in &s.env {
             cmd.env(k, v);
         }
-        if let Some(n) = s.nofile {
+        if let Some(uid) = s.uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
+        }
+        let limits = [
+            (libc::RLIMIT_NOFILE, s.nofile),
+            (libc::RLIMIT_NPROC, s.nproc),
+        ];
+        if limits.iter().any(|(_, n)| n.is_some()) {
             use std::os::unix::process::CommandExt;
             // SAFETY: the closure only calls setrlimit(2), which is
-            // async-signal-safe, between fork and exec; so the limit is
-            // echod's own and its pid is the one we hold.
+            // async-signal-safe, between fork and exec (after the uid
+            // change, which it follows); so the limits are echod's own
+            // and its pid is the one we hold.
             unsafe {
                 cmd.pre_exec(move || {
-                    let lim = libc::rlimit {
-                        rlim_cur: n,
-                        rlim_max: n,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
+                    for (resource, n) in limits {
+                        let Some(n) = n else { continue };
+                        let lim = libc::rlimit {
+                            rlim_cur: n,
+                            rlim_max: n,
+                        };
+                        if libc::setrlimit(resource, &lim) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 });
