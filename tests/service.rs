@@ -183,6 +183,14 @@ fn socket_activation_serves_the_passed_socket() {
 /// an echod gets a cleanup guard in `daemons`, so a daemon dies with the
 /// test whatever happens next.
 fn launch_daemon(cfg: &Path, pidfile: &Path, daemons: &mut Vec<KillTree>) -> Run {
+    let mut cmd = echod_command();
+    cmd.arg("--daemon").arg("--config").arg(cfg);
+    launch(cmd, pidfile, daemons)
+}
+
+/// [`launch_daemon`] with a command of the test's making (other flags, a
+/// working directory, environment).
+fn launch(cmd: Command, pidfile: &Path, daemons: &mut Vec<KillTree>) -> Run {
     let mut adopt = || {
         let Some(pid) = std::fs::read_to_string(pidfile)
             .ok()
@@ -196,8 +204,6 @@ fn launch_daemon(cfg: &Path, pidfile: &Path, daemons: &mut Vec<KillTree>) -> Run
             daemons.push(KillTree::pid(pid));
         }
     };
-    let mut cmd = echod_command();
-    cmd.arg("--daemon").arg("--config").arg(cfg);
     let run = run_bounded(cmd, LIMIT, &mut adopt);
     adopt();
     run
@@ -439,4 +445,101 @@ fn sigusr1_reopens_the_log_in_unprivileged_workers() {
         read(&rotated),
         read(&log)
     );
+}
+
+/// `daemon_reloads_a_config_given_by_a_relative_path`: `echod --daemon -c
+/// echod.toml`, started in the config's directory, reloads on `SIGHUP`
+/// although the daemon works in `/`: the launcher resolved the path before
+/// detaching. Then `SIGTERM` stops it and removes its pid file.
+///
+/// Before, every reload of such a daemon failed with "echod.toml: No such
+/// file or directory".
+#[test]
+fn daemon_reloads_a_config_given_by_a_relative_path() {
+    let dir = TempDir::new("daemon-relative");
+    let pidfile = dir.path("echod.pid");
+    let logfile = dir.path("echod.log");
+    let text = |workers: usize| {
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nworkers = {workers}\npid_file = \"{}\"\n\
+             [log]\ntarget = \"file\"\nfile = \"{}\"\nlevel = \"info\"\n",
+            pidfile.display(),
+            logfile.display()
+        )
+    };
+    std::fs::write(dir.path("echod.toml"), text(1)).unwrap();
+    let mut cmd = echod_command();
+    cmd.args(["--daemon", "-c", "echod.toml"])
+        .current_dir(&dir.0);
+    let mut daemons = Vec::new();
+    let run = launch(cmd, &pidfile, &mut daemons);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let pid = daemons.first().expect("the daemon's pid file").id();
+    let log = || std::fs::read_to_string(&logfile).unwrap_or_default();
+    std::fs::write(dir.path("echod.toml"), text(2)).unwrap();
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    assert!(
+        wait_until(LIMIT, || log().contains("reload: generation 2 starts")
+            || log().contains("reload failed")),
+        "{}",
+        log()
+    );
+    assert!(log().contains("reload: generation 2 starts"), "{}", log());
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(wait_until(LIMIT, || !alive(pid)), "{}", log());
+    assert!(!pidfile.exists(), "{}", log());
+    assert!(!log().contains(" ERROR "), "{}", log());
+}
+
+/// `daemon_launcher_gives_up_on_a_pool_that_never_comes_up`: workers that
+/// die at start (test hook `ECHOD_TEST_WORKER_CRASH`) keep a daemon from
+/// ever being ready; the launcher does not wait forever: at its limit
+/// (shortened to 1.5 s by the test hook `ECHOD_TEST_READY_TIMEOUT_MS`; 60 s
+/// otherwise) it stops the daemon, exits 1 saying it was not ready, and
+/// leaves no echod process and no pid file behind.
+///
+/// Before, the launcher waited on the readiness pipe with no limit.
+#[test]
+fn daemon_launcher_gives_up_on_a_pool_that_never_comes_up() {
+    let dir = TempDir::new("daemon-unready");
+    let pidfile = dir.path("echod.pid");
+    let logfile = dir.path("echod.log");
+    let cfg = dir.path("echod.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nworkers = 1\npid_file = \"{}\"\n\
+             [log]\ntarget = \"file\"\nfile = \"{}\"\nlevel = \"info\"\n",
+            pidfile.display(),
+            logfile.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = echod_command();
+    cmd.args(["--daemon", "--config"])
+        .arg(&cfg)
+        .env("ECHOD_TEST_WORKER_CRASH", "1")
+        .env("ECHOD_TEST_READY_TIMEOUT_MS", "1500");
+    let t0 = std::time::Instant::now();
+    let mut daemons = Vec::new();
+    let run = launch(cmd, &pidfile, &mut daemons);
+    let took = t0.elapsed();
+    let err = &run.stderr;
+    let log = std::fs::read_to_string(&logfile).unwrap_or_default();
+    assert_eq!(run.code(), Some(1), "{err}\n{log}");
+    assert!(
+        err.contains("was not ready within 1.5s") && err.contains("stopped it"),
+        "{err}\n{log}"
+    );
+    assert!(took >= Duration::from_millis(1500), "{took:?}: {err}");
+    let pid: i32 = err
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next()?.parse().ok())
+        .expect("the daemon's pid in the message");
+    assert!(!alive(pid), "the daemon {pid} still runs\n{log}");
+    assert!(!pidfile.exists(), "{log}");
+    assert!(log.contains("respawning in"), "no crash loop?\n{log}");
 }
