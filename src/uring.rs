@@ -770,14 +770,28 @@ impl Worker<'_> {
     fn on_recv(&mut self, idx: usize, res: i32, flags: u32) {
         let now = self.now;
         let limit = self.config.buffer_size;
+        // Whatever the result, a completion that names a buffer took it
+        // out of the ring: it is the worker's now, to echo or give back.
+        let picked = cqueue::buffer_select(flags);
+        if picked.is_some() {
+            self.bufs.free -= 1;
+        }
         let Some(Some(c)) = self.conns.get_mut(idx) else {
+            if let Some(bid) = picked {
+                self.bufs.give(bid);
+            }
             return;
         };
         if !cqueue::more(flags) {
             c.recv = Recv::Off;
         }
+        if res <= 0 {
+            if let Some(bid) = picked {
+                self.bufs.give(bid);
+            }
+        }
         if res > 0 {
-            let Some(bid) = cqueue::buffer_select(flags) else {
+            let Some(bid) = picked else {
                 // A receive with buffer selection always names its buffer;
                 // without one the bytes cannot be echoed: close (and go on
                 // to `settle` below, which frees the slot once it can).
@@ -787,7 +801,6 @@ impl Worker<'_> {
                 self.settle(idx);
                 return;
             };
-            self.bufs.free -= 1;
             if c.closed {
                 self.bufs.give(bid);
             } else {
