@@ -199,8 +199,13 @@ pub struct Ring {
 
 impl Ring {
     /// Sets up the ring and registers the buffer ring; fails where the
-    /// kernel lacks what the worker needs (io_uring itself, registered
-    /// buffer rings: 5.19, the wait timeout argument: 5.11).
+    /// kernel lacks what the worker needs: io_uring itself, the wait
+    /// timeout argument (5.11), registered buffer rings (5.19), and
+    /// multishot receives (6.0), which no setup flag or probe reports:
+    /// the ring is built with `IORING_SETUP_SINGLE_ISSUER`, also 6.0, so
+    /// that an older kernel refuses it here rather than fail every receive
+    /// with `EINVAL` later. `IORING_SETUP_DEFER_TASKRUN` (6.1) is used
+    /// where there is.
     pub fn new(config: &Config) -> io::Result<Ring> {
         // Test hook, not documented for users: act as if the kernel
         // refused io_uring, so the tests can watch the fallback.
@@ -221,6 +226,7 @@ impl Ring {
         let ring = deferred.build(SQ_ENTRIES).or_else(|_| {
             IoUring::builder()
                 .setup_cqsize(SQ_ENTRIES * 4)
+                .setup_single_issuer()
                 .build(SQ_ENTRIES)
         })?;
         if !ring.params().is_feature_ext_arg() {
