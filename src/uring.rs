@@ -351,6 +351,27 @@ impl Worker<'_> {
         }
     }
 
+    /// Submits everything queued; false if some requests are still in the
+    /// submission queue after a few tries (the kernel refused the call or
+    /// took only part of the queue).
+    fn submit_all(&mut self) -> bool {
+        for _ in 0..8 {
+            if self.ring.submission().is_empty() {
+                return true;
+            }
+            if let Err(e) = self.ring.submit() {
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) {
+                    log::warn!("io_uring_enter: {e}");
+                    return false;
+                }
+            }
+        }
+        self.ring.submission().is_empty()
+    }
+
     fn arm_signals(&mut self) {
         let e = opcode::PollAdd::new(types::Fd(self.signal_fd), libc::POLLIN as u32)
             .multi(true)
@@ -624,9 +645,7 @@ impl Worker<'_> {
         // other workers closed theirs too). Where the synchronous cancel is
         // not available (before 6.0), the accept is cancelled like any
         // request and its listener closed at its last completion.
-        if let Err(e) = self.ring.submit() {
-            log::warn!("io_uring_enter: {e}");
-        }
+        let submitted = self.submit_all();
         let was = self.accepting;
         self.accepting = Accepting::Closed;
         self.gate.cell().set_taking(Taking::No);
@@ -649,7 +668,17 @@ impl Worker<'_> {
                 .register_sync_cancel(Some(timeout), cancel)
             {
                 Ok(()) => self.listeners[i] = None,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.listeners[i] = None,
+                // Not in flight: it has completed (its completion, still to
+                // be handled, needs no listener). Only if nothing is left
+                // unsubmitted: an accept still in the submission queue is
+                // not found either, and would run later on a closed
+                // descriptor, or on a new socket that reuses the number; it
+                // is then left to end like any request (cancelled below,
+                // or already by the pause), its listener closed at its last
+                // completion.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) && submitted => {
+                    self.listeners[i] = None;
+                }
                 Err(e) => {
                     log::debug!("synchronous cancel: {e}");
                     if was == Accepting::On {
