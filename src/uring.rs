@@ -55,10 +55,11 @@
 //!   buffer per round before the worker can stop it: measured, a client
 //!   that sent megabytes without reading got 64 buffers of 16 KiB before
 //!   the cancel took effect, or all 16 buffers of 512 KiB, so a cancel
-//!   cannot bound a connection. Side by side with multishot receives (64
-//!   B x 50 ping-pong, 8 rounds), one-shot receives with the poll first
-//!   cost the same CPU per message (0.94 x, within the noise); streams (4
-//!   x 64 KiB) cost about 1.15 x the CPU per GB.
+//!   cannot bound a connection. Side by side with multishot receives,
+//!   two runs, medians (8 rounds of 64 B x 50 ping-pong, 5 and 6 of 4 x
+//!   64 KiB streams, order rotated): one-shot receives with the poll
+//!   first cost 0.90 x and 1.01 x the CPU per message, 1.15 x and 1.10 x
+//!   the CPU per GB of a stream, for the same rates.
 //! - When fewer than a quarter of the buffers are free after a loop turn,
 //!   the worker takes buffers back ([`Worker::reclaim`]): what waits behind
 //!   a send is copied into memory of the connection's own, and a send
