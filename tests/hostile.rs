@@ -2047,3 +2047,243 @@ fn prefork_per_ip_cap_admits_every_new_address() {
 fn io_uring_per_ip_cap_admits_every_new_address() {
     per_ip_cap_admits_every_new_address("io_uring");
 }
+
+// ---------------------------------------------------------------------------
+// The io_uring worker's shared receive buffers.
+// ---------------------------------------------------------------------------
+
+/// The bound of one echo to a well-behaved client while others misbehave:
+/// microseconds in fact; a worker whose buffers are all taken does not
+/// answer at all.
+const FAIR_ECHO: Duration = Duration::from_secs(2);
+
+/// Starts one io_uring worker with `extra` keys, logging at debug level
+/// (for the buffer pool's reclaim line), and checks that it really runs
+/// io_uring.
+fn start_io_uring_debug(extra: &str) -> Echod {
+    let e = Echod::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nmode = \"prefork\"\nio = \"io_uring\"\nworkers = 1\n\
+         {extra}\n[log]\ntarget = \"stderr\"\nlevel = \"debug\"\n"
+    ));
+    assert!(e.wait_workers_up(1, LIMIT), "workers not up:\n{}", e.log());
+    assert_runs_io_uring(&e);
+    e
+}
+
+/// Fails unless every worker runs the io_uring loop: none logged the
+/// fallback to epoll, and each holds an io_uring descriptor and no epoll
+/// one.
+fn assert_runs_io_uring(e: &Echod) {
+    assert!(
+        !e.log().contains("io_uring unavailable"),
+        "a worker fell back to epoll:\n{}",
+        e.log()
+    );
+    for w in e.workers() {
+        let fds = fd_targets(w);
+        assert!(
+            fds.iter().any(|t| t.contains("[io_uring]"))
+                && !fds.iter().any(|t| t.contains("eventpoll")),
+            "worker {w} does not run io_uring: {fds:?}"
+        );
+    }
+}
+
+/// One echo of 64 bytes on `s` within [`FAIR_ECHO`]; panics naming `what`
+/// and the log otherwise.
+fn fair_echo(e: &Echod, s: &mut TcpStream, round: u64, what: &str) {
+    s.set_read_timeout(Some(FAIR_ECHO)).unwrap();
+    let p = payload(round, 64);
+    let t = Instant::now();
+    match roundtrip(s, &p) {
+        Ok(back) if back == p => {}
+        Ok(_) => panic!("{what}: the echo differs"),
+        Err(err) => panic!(
+            "{what}: no echo within {FAIR_ECHO:?} ({err}, after {:?}): the worker starves \
+             its other clients\n{}",
+            t.elapsed(),
+            e.log()
+        ),
+    }
+}
+
+/// Reads everything `s` gets until end of stream and checks that it is
+/// exactly the `sent` bytes of `pattern` (as [`PERIOD`] repeats it).
+fn read_back_exactly(s: &mut TcpStream, pattern: &[u8], sent: u64, what: &str) {
+    s.set_nonblocking(false).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut got: u64 = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                assert!(
+                    got + n as u64 <= sent,
+                    "{what}: got more than the {sent} bytes it sent"
+                );
+                if let Some(at) = first_difference(pattern, got, &buf[..n]) {
+                    panic!("{what}: the echo differs at byte {at} of {sent}");
+                }
+                got += n as u64;
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => panic!("{what}: read failed after {got} of {sent} bytes: {err}"),
+        }
+    }
+    assert_eq!(got, sent, "{what}: got {got} of its {sent} bytes");
+}
+
+/// Sends `pattern` from offset `*sent` on the non-blocking `s` in chunks
+/// of `chunk` bytes, each once the server's echo of the previous one has
+/// gone into its socket (its send queue, seen from `/proc/net/tcp`, grew
+/// by half a chunk at least), until that stops happening for 500 ms: the
+/// server's send to `s` is then stuck (the client does not read, and its
+/// small receive buffer is full), with at most a chunk and a half (24 KiB)
+/// waiting behind it in the server.
+fn stick_the_echo(s: &mut TcpStream, server: SocketAddr, pattern: &[u8], sent: &mut u64) {
+    let me = s.local_addr().unwrap();
+    let chunk = 16384;
+    let tx = || tcp_queues(server.port(), me).map_or(0, |(tx, _)| tx);
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the server's echo to a non-reading client never got stuck"
+        );
+        let before = tx();
+        let at = (*sent % PERIOD as u64) as usize;
+        let n = chunk.min(PERIOD - at);
+        let k = match s.write(&pattern[at..at + n]) {
+            Ok(k) => k as u64,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(err) => panic!("stuck client: write after {sent} bytes: {err}"),
+        };
+        *sent += k;
+        if !wait_until(Duration::from_millis(500), || {
+            tx() >= before + k.div_ceil(2)
+        }) {
+            return;
+        }
+    }
+}
+
+/// `io_uring_tiny_segments_from_a_stuck_client_starve_no_one`: with one
+/// io_uring worker (`buffer_size = 65536`: 128 shared receive buffers), a
+/// client with a small receive buffer that never reads first gets the
+/// worker's echo to it stuck, then sends 1000 segments of 8 bytes, 2 ms
+/// apart (each arrives alone, and a receive takes a whole buffer for
+/// it). Meanwhile another connection echoes every 40 segments, each echo
+/// within 2 s, and a new connection is served at the end: the stuck client
+/// holds two buffers at most, not one per segment. When the client reads
+/// at last it gets exactly its bytes. (Before the fix, about 128 segments
+/// emptied the pool and every other connection waited for the stuck
+/// client or `idle_timeout`.)
+#[test]
+fn io_uring_tiny_segments_from_a_stuck_client_starve_no_one() {
+    let e = start_io_uring_debug("buffer_size = 65536\nidle_timeout = 0");
+    let addr = e.addr();
+    let mut other = connect(addr);
+    fair_echo(&e, &mut other, 0, "the other connection, before");
+
+    // The stuck client: a small receive buffer, set before connecting.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.set_tcp_nodelay(true).unwrap();
+    sock.connect_timeout(&addr.into(), LIMIT).unwrap();
+    let mut stuck: TcpStream = sock.into();
+    stuck.set_nonblocking(true).unwrap();
+    let pattern = payload(11, PERIOD);
+    let mut sent: u64 = 0;
+    let t = Instant::now();
+    stick_the_echo(&mut stuck, addr, &pattern, &mut sent);
+    eprintln!(
+        "the echo to the stuck client is stuck after {sent} bytes ({:?})",
+        t.elapsed()
+    );
+
+    for i in 0..1000u64 {
+        let at = (sent % PERIOD as u64) as usize;
+        match stuck.write(&pattern[at..(at + 8).min(PERIOD)]) {
+            Ok(k) => sent += k as u64,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(err) => panic!("stuck client: write after {sent} bytes: {err}"),
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        if i % 40 == 39 {
+            fair_echo(
+                &e,
+                &mut other,
+                i,
+                &format!("the other connection, after {i} segments"),
+            );
+        }
+    }
+    let mut fresh = connect(addr);
+    fair_echo(&e, &mut fresh, 1, "a new connection");
+    assert_runs_io_uring(&e);
+
+    read_back_exactly(&mut stuck, &pattern, sent, "the stuck client");
+    e.assert_no_errors();
+}
+
+/// `io_uring_non_reading_clients_cannot_drain_the_buffer_pool`: with one
+/// io_uring worker and `buffer_size = 524288` (the fewest shared receive
+/// buffers: 16), twenty ordinary clients each send without reading until
+/// their writes block. After each, another connection still echoes within
+/// 2 s: the blocked clients' buffers are taken back (copied into memory of
+/// their own; the worker logs "receive buffers low") instead of stalling
+/// everyone; the worker's RSS grows by less than the buffers (8 MiB), two
+/// buffers' worth per blocked client (20 MiB) and 20 MiB of slack. Then
+/// each client reads and gets exactly its bytes, then end of stream.
+/// (Before the fix, three such clients stalled the worker.)
+#[test]
+fn io_uring_non_reading_clients_cannot_drain_the_buffer_pool() {
+    const CLIENTS: u64 = 20;
+    let e = start_io_uring_debug("buffer_size = 524288\nidle_timeout = 0");
+    let addr = e.addr();
+    let worker = e.workers()[0];
+    let mut other = connect(addr);
+    fair_echo(&e, &mut other, 0, "the other connection, before");
+    let rss_before = rss_kib(worker).expect("worker RSS");
+
+    let mut hogs = Vec::new();
+    for i in 0..CLIENTS {
+        let pattern = payload(100 + i, PERIOD);
+        let mut s = connect(addr);
+        let (sent, blocked) = send_until_blocked(&mut s, &pattern, Duration::from_millis(200));
+        assert!(
+            blocked,
+            "client {i}: its writes never blocked ({sent} bytes sent)"
+        );
+        fair_echo(
+            &e,
+            &mut other,
+            i + 1,
+            &format!("the other connection, {} blocked", i + 1),
+        );
+        hogs.push((s, pattern, sent));
+    }
+    let mut fresh = connect(addr);
+    fair_echo(&e, &mut fresh, 99, "a new connection");
+    assert_runs_io_uring(&e);
+    assert!(
+        e.log().contains("receive buffers low"),
+        "the worker never took buffers back, so this test did not test it:\n{}",
+        e.log()
+    );
+    let growth = rss_kib(worker)
+        .expect("worker RSS")
+        .saturating_sub(rss_before);
+    eprintln!("worker RSS grew by {growth} KiB holding {CLIENTS} blocked clients");
+    assert!(
+        growth < (8 + 20 + 20) * 1024,
+        "the worker's RSS grew by {growth} KiB holding {CLIENTS} blocked clients"
+    );
+
+    for (i, (mut s, pattern, sent)) in hogs.into_iter().enumerate() {
+        read_back_exactly(&mut s, &pattern, sent, &format!("client {i}"));
+    }
+    e.assert_no_errors();
+}
