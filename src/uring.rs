@@ -87,12 +87,13 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::config::{Config, Overload};
 use crate::echo::Close;
-use crate::listener::Listener;
+use crate::listener::{accept_error_consumes_a_connection, Listener};
 use crate::process::exit_code;
 use crate::scoreboard::{now_ms, IpKey, Taking};
 use crate::signals::SignalPipe;
 use crate::worker::{
-    on_signal, tick_ms, Accepting, Balance, BusyPoll, Gate, Seat, Signaled, PASS_MS,
+    on_signal, tick_ms, waits_when_full, Accepting, Balance, BusyPoll, Gate, Seat, Signaled,
+    PASS_MS,
 };
 
 /// Whether listeners get a multishot accept (one request for every
@@ -622,15 +623,17 @@ impl Worker<'_> {
             let e = io::Error::from_raw_os_error(-res);
             match -res {
                 libc::ECANCELED => {}
-                libc::EMFILE | libc::ENFILE => {
-                    let pause = self.gate.out_of_descriptors(&e, self.now, self.open);
+                // One connection failed (a reset while it was queued...):
+                // the next one may not.
+                _ if accept_error_consumes_a_connection(&e) => log::debug!("accept: {e}"),
+                // The queue is as it was (out of descriptors or memory, a
+                // listener that no longer listens): pause, as the epoll
+                // worker does, rather than re-arm into the same error or
+                // exit and be respawned into it.
+                _ => {
+                    let pause = self.gate.accept_failed(&e, self.now, self.open);
                     self.pause_accepting(pause);
                 }
-                libc::EINVAL | libc::EOPNOTSUPP => {
-                    log::error!("accept: {e}; exiting");
-                    return Err(exit_code::FAILURE);
-                }
-                _ => log::debug!("accept: {e}"),
             }
         }
         if !more && self.accepting == Accepting::On {
@@ -651,8 +654,9 @@ impl Worker<'_> {
     /// take the wake-up for a connection and never accept it, and the
     /// connection then waits for the next wake-up (measured: the
     /// supervision test that kills a stopped worker saw its next client
-    /// wait 10 s). epoll does not have that problem: its exclusive
-    /// wake-ups only go to a worker blocked in `epoll_wait`. This bounds
+    /// wait 10 s). A stopped epoll worker is not woken in its place (epoll
+    /// wakes a waiter blocked in `epoll_wait`), though a busy one may find
+    /// the listener ready at its next wait. This bounds
     /// the wait to one tick; it costs one `accept4` per listener per tick.
     /// `balanced`: stop once this worker is ahead (not at the end of a
     /// pass, which takes what is queued whoever is ahead).
@@ -699,7 +703,7 @@ impl Worker<'_> {
         if matches!(self.accepting, Accepting::On | Accepting::Closed) {
             return;
         }
-        if self.open + self.parked.len() >= self.config.max_connections {
+        if waits_when_full(self.open + self.parked.len(), self.config) {
             self.pause_accepting(Accepting::Full);
             return;
         }
@@ -725,7 +729,8 @@ impl Worker<'_> {
     }
 
     fn pause_accepting(&mut self, why: Accepting) {
-        if self.accepting == Accepting::On {
+        let was_listening = self.accepting == Accepting::On;
+        if was_listening {
             for i in 0..self.listeners.len() {
                 if self.accept_armed[i] {
                     let e = opcode::AsyncCancel::new(ud(KIND_ACCEPT, i))
@@ -737,6 +742,11 @@ impl Worker<'_> {
         }
         self.accepting = why;
         self.gate.cell().set_taking(why.taking());
+        // Full, out of descriptors: bring back a worker that passes (the
+        // epoll worker's rule).
+        if was_listening && why.taking() == Taking::No {
+            self.balance.ring_if_last_listener(self.now);
+        }
     }
 
     fn start_draining(&mut self) {

@@ -203,11 +203,6 @@ impl<'a> Gate<'a> {
         }
     }
 
-    /// `accept` failed with `EMFILE`/`ENFILE`: see [`Gate::accept_failed`].
-    pub(crate) fn out_of_descriptors(&mut self, e: &io::Error, now: u64, open: usize) -> Accepting {
-        self.accept_failed(e, now, open)
-    }
-
     /// `accept` failed and the connection, if any, is still queued
     /// (`EMFILE`, `ENFILE`, `ENOMEM`, `ENOBUFS`, `EINVAL` on a socket that
     /// no longer listens...): logs it (at most once a second) and returns
@@ -1042,7 +1037,7 @@ impl<'a> Worker<'a> {
 /// Whether a worker holding `open` connections stops accepting: at
 /// `max_connections` with `overload = "wait"` (with `"reject"` it goes on
 /// accepting, to close at once what it cannot serve).
-fn waits_when_full(open: usize, config: &Config) -> bool {
+pub(crate) fn waits_when_full(open: usize, config: &Config) -> bool {
     open >= config.max_connections && config.overload == Overload::Wait
 }
 

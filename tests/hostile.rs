@@ -1843,7 +1843,19 @@ fn steal_fd(pid: i32, fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
 /// client leaves, SIGTERM stops echod within 10 s.
 #[test]
 fn prefork_worker_survives_a_listener_that_stops_listening() {
-    let mut e = start("prefork", "workers = 1\nidle_timeout = 0");
+    worker_survives_a_listener_that_stops_listening("prefork");
+}
+
+/// `io_uring_worker_survives_a_listener_that_stops_listening`: the same
+/// with the io_uring worker, whose accept request completes with `EINVAL`
+/// (it used to exit, and be respawned into the same error).
+#[test]
+fn io_uring_worker_survives_a_listener_that_stops_listening() {
+    worker_survives_a_listener_that_stops_listening("io_uring");
+}
+
+fn worker_survives_a_listener_that_stops_listening(mode: &str) {
+    let mut e = start(mode, "workers = 1\nidle_timeout = 0");
     let addr = e.addr();
     let mut held = connect(addr);
     echo_on(&mut held, b"before", "the held connection");
@@ -1882,6 +1894,11 @@ fn prefork_worker_survives_a_listener_that_stops_listening() {
         e.log()
     );
     assert!(e.log().contains("accept: Invalid argument"), "{}", e.log());
+    assert!(
+        !e.log().contains("respawning"),
+        "a worker exited:\n{}",
+        e.log()
+    );
 }
 
 /// `fork_child_keeps_its_idle_timeout_after_a_sighup`: in fork mode with
