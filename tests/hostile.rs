@@ -297,8 +297,9 @@ fn prefork_non_reading_client_is_backpressured() {
 }
 
 /// `io_uring_non_reading_client_is_backpressured`: the same with the
-/// io_uring worker (`io = "io_uring"`), whose backpressure cancels the
-/// client's receive once a buffer's worth waits behind the send in flight.
+/// io_uring worker (`io = "io_uring"`), whose backpressure arms the
+/// client's next receive only while nothing waits behind the send in
+/// flight.
 #[test]
 fn io_uring_non_reading_client_is_backpressured() {
     non_reading_client("io_uring");
