@@ -48,7 +48,9 @@
 //! The tables are sized when the master maps the scoreboard, from its
 //! config (see [`addresses_to_count`]), with room for every address a
 //! worker may hold at under 5/8 load: two tables of 1.6 to 3.2 entries of
-//! 8 bytes per connection a worker may hold, at most 52 bytes in all. A
+//! 8 bytes per connection a worker may hold, at most 52 bytes in all
+//! (above 320 connections: a table has at least 512 entries, so a slot
+//! has at least 8 KiB). A
 //! worker whose table is full anyway (a reload raised `max_connections`,
 //! or set `max_connections_per_ip` with a `max_connections` above 1024,
 //! past what the tables were sized for) admits the addresses it cannot
@@ -56,8 +58,9 @@
 //! mapping is `MAP_NORESERVE` and its pages are allocated on first touch:
 //! slots whose workers count no address cost address space only (32 MiB
 //! for the 1024 slots with the default `max_connections`), and a worker's
-//! tables cost memory as it counts addresses, and until its slot is
-//! released.
+//! tables cost memory as it counts addresses and as the other workers
+//! probe them (a page that a probe reads in a shared mapping is allocated
+//! too), until its slot is released.
 
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
@@ -154,8 +157,6 @@ struct IpHead {
     /// Entries of the current table with a count above 0. Read by the
     /// owner only.
     live: AtomicU32,
-    /// The worker has written its tables since the slot was last reset.
-    dirty: AtomicBool,
 }
 
 /// The fixed-size part of the shared mapping; the per-address tables
@@ -330,15 +331,16 @@ impl Scoreboard {
         self.free.push(slot);
     }
 
-    /// Empties `slot`'s per-address tables, if its worker wrote them: a
-    /// hole punched in the shared memory (`MADV_REMOVE`: the pages are
-    /// freed and read as zeros again), or zeros stored where the tables
-    /// do not fill whole pages. The slot is not live: only a worker that
+    /// Empties `slot`'s per-address tables: a hole punched in the shared
+    /// memory (`MADV_REMOVE`: the pages are freed and read as zeros
+    /// again), or zeros stored where the tables do not fill whole pages.
+    /// Always, not only when the worker wrote them: in a shared mapping a
+    /// page that another worker's probe only read is allocated too. The slot is not live: only a worker that
     /// read the live bits just before may still probe these tables, and
     /// counts the dead worker's connections or not.
     fn reset_ip_tables(&self, slot: usize) {
         let head = &self.shared().ip_heads[slot];
-        if head.dirty.load(Ordering::Acquire) {
+        {
             let first = self.table(slot, 0);
             let len = 2 * self.ip_entries * std::mem::size_of::<AtomicU64>();
             let page = page_size();
@@ -362,7 +364,6 @@ impl Scoreboard {
         head.generation.store(0, Ordering::Relaxed);
         head.used.store(0, Ordering::Relaxed);
         head.live.store(0, Ordering::Relaxed);
-        head.dirty.store(false, Ordering::Release);
     }
 
     fn shared(&self) -> &Shared {
@@ -429,9 +430,6 @@ impl Scoreboard {
             return false;
         }
         let head = &self.shared().ip_heads[slot];
-        if !head.dirty.load(Ordering::Relaxed) {
-            head.dirty.store(true, Ordering::Release);
-        }
         let table = self.current_table(slot);
         match probe(table, key) {
             Probe::Found(i, entry) => {
