@@ -63,12 +63,14 @@
 //! - When fewer than a quarter of the buffers are free after a loop turn,
 //!   the worker takes buffers back ([`Worker::reclaim`]): what waits behind
 //!   a send is copied into memory of the connection's own, and a send
-//!   that has been in flight since an earlier turn (its client does not
-//!   read) is cancelled and what it had left copied too; the connection
-//!   goes on from its copy, with the same bound. So blocked clients hold
-//!   no ring buffer for long, whatever their number, and another
-//!   connection waits for a buffer a loop turn or two at most. A
-//!   connection that keeps up never copies.
+//!   that has been in flight for [`STUCK_SEND_MS`] or more (its client
+//!   does not read, or reads slowly) is cancelled and what it had left
+//!   copied too; the connection goes on from its copy, with the same
+//!   bound. So blocked clients hold no ring buffer for long, whatever
+//!   their number, and another connection waits for a buffer some
+//!   milliseconds at most. A connection whose sends complete within that
+//!   time never has them cancelled; none copies while the pool is not
+//!   low.
 //!
 //! ## Closing
 //! A connection's descriptor is closed only once none of its requests is in
@@ -95,6 +97,10 @@ use crate::worker::{
     on_signal, tick_ms, waits_when_full, Accepting, Balance, BusyPoll, Gate, Seat, Signaled,
     PASS_MS,
 };
+
+/// How long a send from a ring buffer may be in flight before
+/// [`Worker::reclaim`], when the pool runs low, takes its buffer back.
+const STUCK_SEND_MS: u64 = 10;
 
 /// Whether listeners get a multishot accept (one request for every
 /// connection) or a one-shot accept armed again after each connection.
@@ -349,8 +355,8 @@ struct Conn {
     /// data before it tries (`IORING_RECVSEND_POLL_FIRST`), as with a
     /// client that sends its next message only once it has its echo.
     drained: bool,
-    /// The loop turn in which the send in flight was issued.
-    send_turn: u64,
+    /// When the send in flight was issued (`now_ms`).
+    send_at: u64,
     /// The send in flight was cancelled to take its ring buffer back: at
     /// its completion what it has left is copied (see [`Worker::reclaim`]).
     reclaim: bool,
@@ -385,8 +391,6 @@ struct Worker<'a> {
     starved: Vec<usize>,
     /// Free buffers below which [`Worker::reclaim`] runs.
     reserve: usize,
-    /// Loop turns so far (to tell a send stuck since an earlier turn).
-    turn: u64,
     /// Scratch list of [`Worker::reclaim`].
     holders: Vec<usize>,
     now: u64,
@@ -420,7 +424,6 @@ pub fn run(
         open: 0,
         starved: Vec::new(),
         reserve,
-        turn: 0,
         holders: Vec::new(),
         now: now_ms(),
         busy: BusyPoll::new(config),
@@ -516,7 +519,6 @@ impl Worker<'_> {
         let mut next_scan = self.now + tick;
         let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(256);
         loop {
-            self.turn += 1;
             self.gate.cell().beat(self.now, self.open);
             self.bufs.publish();
             match self.enter(self.accepting.wait_ms(self.now, next_scan)) {
@@ -729,6 +731,12 @@ impl Worker<'_> {
     }
 
     fn pause_accepting(&mut self, why: Accepting) {
+        // Draining is for good: an accept completion handled after the
+        // signal in the same batch (an error, or a connection that fills
+        // the worker) must not reopen it.
+        if self.accepting == Accepting::Closed {
+            return;
+        }
         let was_listening = self.accepting == Accepting::On;
         if was_listening {
             for i in 0..self.listeners.len() {
@@ -866,7 +874,7 @@ impl Worker<'_> {
             waiting: VecDeque::new(),
             held: 0,
             drained: false,
-            send_turn: 0,
+            send_at: 0,
             reclaim: false,
             eof: false,
             closed: false,
@@ -928,7 +936,7 @@ impl Worker<'_> {
 
     /// Sends what is left of connection `idx`'s front chunk.
     fn send_front(&mut self, idx: usize) {
-        let turn = self.turn;
+        let now = self.now;
         let Some(Some(c)) = self.conns.get_mut(idx) else {
             return;
         };
@@ -947,7 +955,7 @@ impl Worker<'_> {
         .flags(libc::MSG_NOSIGNAL)
         .build()
         .user_data(ud(KIND_SEND, idx));
-        c.send_turn = turn;
+        c.send_at = now;
         self.push(e);
     }
 
@@ -1134,10 +1142,11 @@ impl Worker<'_> {
     /// Takes ring buffers back when few are free, so that connections that
     /// hold them (clients that do not read) cannot starve the others: what
     /// waits behind a send is copied now ([`Self::spill`]); a send from a
-    /// ring buffer that was issued in an earlier loop turn and is still in
-    /// flight (its client is not reading) is cancelled, and what it has
-    /// left is copied at its completion. A connection that keeps up holds a
-    /// buffer for less than a turn and is left alone.
+    /// ring buffer that has been in flight for [`STUCK_SEND_MS`] (its
+    /// client is not reading, or slowly) is cancelled, and what it has
+    /// left is copied at its completion. (Counted in loop turns, a bulk
+    /// stream whose client reads would be cancelled too: a turn ends at
+    /// the first completion of any connection.)
     fn reclaim(&mut self) {
         let mut holders = std::mem::take(&mut self.holders);
         holders.clear();
@@ -1160,8 +1169,8 @@ impl Worker<'_> {
             let Some(Some(c)) = self.conns.get_mut(idx) else {
                 continue;
             };
-            if matches!(c.front, Some(Chunk::Ring { .. })) && !c.reclaim && c.send_turn < self.turn
-            {
+            let stuck = self.now.saturating_sub(c.send_at) >= STUCK_SEND_MS;
+            if matches!(c.front, Some(Chunk::Ring { .. })) && !c.reclaim && stuck {
                 c.reclaim = true;
                 cancelled += 1;
                 let e = opcode::AsyncCancel::new(ud(KIND_SEND, idx))
