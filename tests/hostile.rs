@@ -2158,16 +2158,18 @@ fn read_back_exactly(s: &mut TcpStream, pattern: &[u8], sent: u64, what: &str) {
 /// gone into its socket (its send queue, seen from `/proc/net/tcp`, grew
 /// by half a chunk at least), until that stops happening for 500 ms: the
 /// server's send to `s` is then stuck (the client does not read, and its
-/// small receive buffer is full), with at most a chunk and a half (24 KiB)
-/// waiting behind it in the server.
+/// small receive buffer is full), with at most a chunk and a half (96 KiB)
+/// waiting behind it in the server. The server's send buffer takes a few
+/// MB first: some 50 chunks, seconds alone, much longer when the rest of
+/// the suite loads the CPUs and fills `/proc/net/tcp` (bounded at 120 s).
 fn stick_the_echo(s: &mut TcpStream, server: SocketAddr, pattern: &[u8], sent: &mut u64) {
     let me = s.local_addr().unwrap();
-    let chunk = 16384;
+    let chunk = 65536;
     let tx = || tcp_queues(server.port(), me).map_or(0, |(tx, _)| tx);
     let start = Instant::now();
     loop {
         assert!(
-            start.elapsed() < Duration::from_secs(60),
+            start.elapsed() < Duration::from_secs(120),
             "the server's echo to a non-reading client never got stuck"
         );
         let before = tx();
