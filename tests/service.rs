@@ -251,6 +251,7 @@ fn daemon_detaches_with_a_locked_pid_file() {
         .collect();
     let (ppid, sid): (i32, i32) = (fields[1].parse().unwrap(), fields[3].parse().unwrap());
     assert_ne!(ppid, std::process::id() as i32);
+    // SAFETY: getsid(2) of this process takes no pointer and cannot fail.
     assert_ne!(sid, unsafe { libc::getsid(0) }, "a new session");
     // Serving already when the launcher returned, on the port its log
     // names (port 0 in the config: the kernel chose it).
@@ -323,6 +324,7 @@ fn daemon_launcher_reports_a_failed_start() {
 /// root to bind new addresses at a reload.
 #[test]
 fn workers_drop_privileges() {
+    // SAFETY: geteuid(2) takes no argument and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIP: workers_drop_privileges needs root");
         return;
@@ -366,6 +368,7 @@ fn workers_drop_privileges() {
 /// children.
 #[test]
 fn user_switch_without_root_is_a_config_error() {
+    // SAFETY: geteuid(2) takes no argument and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIP: user_switch_without_root_is_a_config_error starts echod as nobody, which needs root");
         return;
@@ -392,6 +395,7 @@ fn user_switch_without_root_is_a_config_error() {
 #[test]
 fn sigusr1_reopens_the_log_in_unprivileged_workers() {
     use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid(2) takes no argument and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIP: sigusr1_reopens_the_log_in_unprivileged_workers needs root");
         return;
