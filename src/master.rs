@@ -191,17 +191,13 @@ impl Master {
             pidfile,
         } = setup;
         let sigs: Vec<i32> = MASTER_SIGNALS.iter().map(|s| s.signal).collect();
-        let resources = SignalPipe::new(&sigs)
-            .map_err(MasterError::Signals)
-            .and_then(|s| Ok((s, Bell::new().map_err(MasterError::Bell)?)))
-            .and_then(|(s, b)| {
-                Ok((
-                    s,
-                    b,
-                    Scoreboard::new(&config).map_err(MasterError::Scoreboard)?,
-                ))
-            });
-        let (signals, bell, board) = match resources {
+        let resources = || -> Result<_, MasterError> {
+            let signals = SignalPipe::new(&sigs).map_err(MasterError::Signals)?;
+            let bell = Bell::new().map_err(MasterError::Bell)?;
+            let board = Scoreboard::new(&config).map_err(MasterError::Scoreboard)?;
+            Ok((signals, bell, board))
+        };
+        let (signals, bell, board) = match resources() {
             Ok(r) => r,
             Err(e) => {
                 // A waiting `--daemon` launcher prints this and exits 1.
@@ -707,21 +703,16 @@ impl Master {
     /// listener, the cap, or an error or failed fork that pauses accepting;
     /// forks one child per connection.
     fn accept_connections(&mut self) {
+        let full = self.table.connection_children() >= self.config.max_connections;
+        if self.held.is_some() && full && self.config.overload == Overload::Wait {
+            return;
+        }
         if let Some(Held {
             stream,
             peer,
             failures,
         }) = self.held.take()
         {
-            let full = self.table.connection_children() >= self.config.max_connections;
-            if full && self.config.overload == Overload::Wait {
-                self.held = Some(Held {
-                    stream,
-                    peer,
-                    failures,
-                });
-                return;
-            }
             if full {
                 // A reload lowered max_connections meanwhile.
                 drop(stream);
