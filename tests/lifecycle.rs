@@ -946,9 +946,7 @@ fn sigterm_after_an_accept_pause_does_not_spin() {
 /// logged `kill(..., SIGUSR2): EPERM` at `WARN`.
 #[test]
 fn recycling_asks_the_master_across_users() {
-    // SAFETY: geteuid(2) takes no argument and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: recycling_asks_the_master_across_users needs root");
+    if common::skip_unless_root("recycling_asks_the_master_across_users") {
         return;
     }
     let e = start(

@@ -324,9 +324,7 @@ fn daemon_launcher_reports_a_failed_start() {
 /// root to bind new addresses at a reload.
 #[test]
 fn workers_drop_privileges() {
-    // SAFETY: geteuid(2) takes no argument and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: workers_drop_privileges needs root");
+    if skip_unless_root("workers_drop_privileges") {
         return;
     }
     let e = Echod::start(&config(
@@ -368,9 +366,7 @@ fn workers_drop_privileges() {
 /// children.
 #[test]
 fn user_switch_without_root_is_a_config_error() {
-    // SAFETY: geteuid(2) takes no argument and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: user_switch_without_root_is_a_config_error starts echod as nobody, which needs root");
+    if skip_unless_root("user_switch_without_root_is_a_config_error") {
         return;
     }
     use std::os::unix::process::CommandExt;
@@ -395,9 +391,7 @@ fn user_switch_without_root_is_a_config_error() {
 #[test]
 fn sigusr1_reopens_the_log_in_unprivileged_workers() {
     use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid(2) takes no argument and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: sigusr1_reopens_the_log_in_unprivileged_workers needs root");
+    if skip_unless_root("sigusr1_reopens_the_log_in_unprivileged_workers") {
         return;
     }
     let dir = TempDir::new("usr1");

@@ -676,9 +676,7 @@ fn read_byte(s: &mut TcpStream, limit: Duration) -> std::io::Result<Option<u8>> 
 #[test]
 fn fork_failure_holds_the_connection() {
     use std::io::Write;
-    // SAFETY: geteuid(2) takes no argument and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: fork_failure_holds_the_connection needs root");
+    if skip_unless_root("fork_failure_holds_the_connection") {
         return;
     }
     // A uid nothing else runs as, so that the process count is echod's.

@@ -387,6 +387,18 @@ pub fn listening_addrs(log: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// Whether a test that needs root must be skipped: it says so on stderr
+/// (`SKIP: name needs root`) and returns true when the tests do not run as
+/// root.
+pub fn skip_unless_root(name: &str) -> bool {
+    // SAFETY: geteuid(2) takes no argument and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("SKIP: {name} needs root");
+    }
+    !root
+}
+
 /// The cleanup of a process tree a test started other than through
 /// [`Echod`] (an activator that execs echod, a daemon that detached):
 /// unless the process has exited, dropping the guard kills it and every
