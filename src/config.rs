@@ -153,6 +153,10 @@ pub struct Config {
     pub overload: Overload,
     /// The bytes of the per-connection echo buffer, 512..=16 MiB.
     pub buffer_size: usize,
+    /// Whether the epoll worker echoes large messages with `splice(2)`
+    /// through a pipe instead of copying them through its buffer. Unused by
+    /// the io_uring worker and in fork mode.
+    pub splice: bool,
     /// How long a connection may stay silent before it is closed; zero means
     /// never. At most one year.
     #[serde(serialize_with = "serialize_duration")]
@@ -423,6 +427,7 @@ impl Default for Config {
             max_connections_per_ip: 0,
             overload: Overload::Wait,
             buffer_size: 16 * 1024,
+            splice: true,
             idle_timeout: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(30),
             worker_timeout: Duration::from_secs(30),
@@ -553,6 +558,7 @@ impl Config {
             ),
             ("overload", Some(quote(self.overload.as_str()))),
             ("buffer_size", Some(self.buffer_size.to_string())),
+            ("splice", Some(self.splice.to_string())),
             (
                 "idle_timeout",
                 Some(quote(&format_duration(self.idle_timeout))),
@@ -750,6 +756,7 @@ pub const TOP_KEYS: &[&str] = &[
     "max_connections_per_ip",
     "overload",
     "buffer_size",
+    "splice",
     "idle_timeout",
     "shutdown_timeout",
     "worker_timeout",
@@ -819,6 +826,7 @@ fn parse_document(text: &str) -> Result<Config, Fault> {
             }
             "busy_poll" => config.busy_poll = busy_poll(value)?,
             "balance" => config.balance = boolean(value, "balance")?,
+            "splice" => config.splice = boolean(value, "splice")?,
             "max_connections" => {
                 config.max_connections = integer(value, "max_connections", MAX_CONNECTIONS)?;
             }
@@ -1467,6 +1475,7 @@ mod tests {
             max_connections_per_ip: 16,
             overload: Overload::Reject,
             buffer_size: 65536,
+            splice: false,
             idle_timeout: Duration::from_millis(1500),
             shutdown_timeout: Duration::ZERO,
             worker_timeout: Duration::from_secs(3600),
@@ -1541,6 +1550,7 @@ mod tests {
             max_connections_per_ip = 16
             overload = "reject"
             buffer_size = 65536
+            splice = false
             idle_timeout = 1.5
             shutdown_timeout = 0
             worker_timeout = "1h"
@@ -1718,7 +1728,7 @@ mod tests {
         );
         assert_eq!(
             error("\"a b\\n\" = 1\n"),
-            "/tmp/x.toml:1:1: \"a b\\n\": unknown key; the keys at the top level are listen, backlog, mode, workers, io, busy_poll, balance, max_connections, max_connections_per_ip, overload, buffer_size, idle_timeout, shutdown_timeout, worker_timeout, max_requests_per_worker, pid_file, user, group, daemon, log"
+            "/tmp/x.toml:1:1: \"a b\\n\": unknown key; the keys at the top level are listen, backlog, mode, workers, io, busy_poll, balance, max_connections, max_connections_per_ip, overload, buffer_size, splice, idle_timeout, shutdown_timeout, worker_timeout, max_requests_per_worker, pid_file, user, group, daemon, log"
         );
         assert_eq!(
             error("[log.rotate]\nsize = 1\n"),
@@ -2417,6 +2427,7 @@ mod tests {
                 512..=16_777_216usize,
             ),
             (
+                any::<bool>(),
                 duration.clone(),
                 duration.clone(),
                 duration,
@@ -2444,6 +2455,7 @@ mod tests {
                         buffer_size,
                     ),
                     (
+                        splice,
                         idle_timeout,
                         shutdown_timeout,
                         worker_timeout,
@@ -2466,6 +2478,7 @@ mod tests {
                     max_connections_per_ip,
                     overload,
                     buffer_size,
+                    splice,
                     idle_timeout,
                     shutdown_timeout,
                     // 0 (off) or at least MIN_WORKER_TIMEOUT.

@@ -12,8 +12,32 @@
 //! connection then stops reading until that buffer is flushed. That is the
 //! backpressure: memory per connection never exceeds one `buffer_size`, and
 //! an idle connection holds no buffer at all.
+//!
+//! ## Large messages go through a pipe
+//! Where the caller has a pipe ([`Io::can_splice`]: the epoll worker, with
+//! `splice = true`), a connection whose last message was at least
+//! [`SPLICE_MIN`] bytes has its next one echoed with two `splice(2)` calls
+//! instead: socket to pipe, pipe to the same socket. The kernel moves
+//! references to the pages that hold the bytes (the receive queue's
+//! pages go into the pipe, and from it into the send queue), so the bytes
+//! are not copied into echod's buffer and back; measured side by side on
+//! 4 streams of 64 KiB writes, that takes the server's CPU per GB to about
+//! 0.6 x. Below about 4 KiB the copy is cheaper than the pipe (64-byte
+//! messages cost about 1.07 x the CPU through it), hence the threshold,
+//! judged on the message before: a stream's next read is large as its last
+//! one was, and a ping-pong client's small. The same bound holds: a splice
+//! takes at most `buffer_size` bytes, and what the socket does not take at
+//! once is read out of the pipe into `pending` (the one copy, as above).
+//! The pipe is the worker's, shared by all its connections, so it must be
+//! empty whenever the worker turns to another connection: it is after
+//! every call that returns [`Next::Read`] or [`Next::Write`]; after
+//! [`Next::Close`] it may still hold bytes, which the caller discards.
 
 use std::io;
+
+/// The smallest message (bytes moved by one read) after which a connection
+/// echoes through the pipe; one smaller moves it back to `read`/`write`.
+pub const SPLICE_MIN: usize = 4096;
 
 /// Reads and writes of one connection.
 pub trait Io {
@@ -21,6 +45,25 @@ pub trait Io {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// `write(2)`: may take fewer bytes than offered.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// Whether the `splice_*` calls below are there (a pipe is).
+    fn can_splice(&self) -> bool {
+        false
+    }
+    /// `splice(2)` of at most `len` bytes from the socket into the empty
+    /// pipe: `Ok(0)` is end of stream. `Unsupported` where the kernel
+    /// cannot splice the socket.
+    fn splice_in(&mut self, _len: usize) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// `splice(2)` of at most `len` bytes from the pipe to the socket: may
+    /// take fewer.
+    fn splice_out(&mut self, _len: usize) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// `read(2)` from the pipe.
+    fn read_pipe(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// What the connection waits for next.
@@ -55,6 +98,13 @@ pub struct Echo {
     pending: Vec<u8>,
     sent: usize,
     eof: bool,
+    /// The last message moved at least [`SPLICE_MIN`] bytes: the next one
+    /// goes through the pipe, where there is one.
+    splicing: bool,
+    /// Bytes echoed back so far, and how many of them went straight from
+    /// the pipe (`spliced <= echoed`).
+    echoed: u64,
+    spliced: u64,
 }
 
 impl Echo {
@@ -66,6 +116,11 @@ impl Echo {
     /// Bytes read but not yet written back.
     pub fn pending_len(&self) -> usize {
         self.pending.len() - self.sent
+    }
+
+    /// Bytes echoed back so far, and how many of them through the pipe.
+    pub fn echoed(&self) -> (u64, u64) {
+        (self.echoed, self.spliced)
     }
 
     /// Bytes of heap this connection holds (its pending buffer's capacity).
@@ -87,6 +142,9 @@ impl Echo {
     /// last answer.
     pub fn on_readable(&mut self, io: &mut impl Io, scratch: &mut [u8]) -> Next {
         debug_assert_eq!(self.pending_len(), 0);
+        if self.splicing && io.can_splice() {
+            return self.splice_through(io, scratch);
+        }
         let n = match io.read(scratch) {
             Ok(0) => {
                 self.eof = true;
@@ -95,11 +153,13 @@ impl Echo {
             Ok(n) => n,
             Err(e) => return on_error(e, Next::Read),
         };
+        self.splicing = n >= SPLICE_MIN;
         let written = match write_retrying(io, &scratch[..n]) {
             Ok(w) => w,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return on_error(e, Next::Read),
         };
+        self.echoed += written as u64;
         if written == n {
             return Next::Read;
         }
@@ -114,13 +174,71 @@ impl Echo {
         Next::Write
     }
 
+    /// [`Self::on_readable`] through the pipe: one `splice` in, `splice`s
+    /// out until the socket takes no more; the rest is read out of the
+    /// pipe into `pending` (backpressure, as in `on_readable`).
+    fn splice_through(&mut self, io: &mut impl Io, scratch: &mut [u8]) -> Next {
+        let n = match io.splice_in(scratch.len()) {
+            Ok(0) => {
+                self.eof = true;
+                return Next::Close(Close::Done);
+            }
+            Ok(n) => n,
+            // Nothing moved: back to read/write for this message.
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                self.splicing = false;
+                return self.on_readable(io, scratch);
+            }
+            Err(e) => return on_error(e, Next::Read),
+        };
+        self.splicing = n >= SPLICE_MIN;
+        let mut left = n;
+        while left > 0 {
+            match io.splice_out(left) {
+                Ok(0) => break,
+                Ok(w) => {
+                    left -= w;
+                    self.echoed += w as u64;
+                    self.spliced += w as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // `left` bytes stay in the pipe: the caller discards them.
+                Err(e) => return on_error(e, Next::Read),
+            }
+        }
+        if left == 0 {
+            return Next::Read;
+        }
+        // The socket is full: take the rest out of the pipe, which other
+        // connections use next, and wait for room as `on_readable` does.
+        self.pending.clear();
+        self.pending.reserve_exact(left);
+        while self.pending.len() < left {
+            let want = (left - self.pending.len()).min(scratch.len());
+            match io.read_pipe(&mut scratch[..want]) {
+                Ok(r) if r > 0 => self.pending.extend_from_slice(&scratch[..r]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The pipe holds fewer bytes than it was given: cannot
+                // happen; closing is all that is left.
+                Ok(_) => return Next::Close(Close::Error(libc::EIO)),
+                Err(e) => return Next::Close(Close::Error(e.raw_os_error().unwrap_or(libc::EIO))),
+            }
+        }
+        self.sent = 0;
+        Next::Write
+    }
+
     /// The connection is writable: flush what is pending. Returns
     /// [`Next::Read`] once everything is written.
     pub fn on_writable(&mut self, io: &mut impl Io) -> Next {
         while self.sent < self.pending.len() {
             match write_retrying(io, &self.pending[self.sent..]) {
                 Ok(0) => return Next::Close(Close::Reset),
-                Ok(w) => self.sent += w,
+                Ok(w) => {
+                    self.sent += w;
+                    self.echoed += w as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Write,
                 Err(e) => return on_error(e, Next::Write),
             }
@@ -165,7 +283,8 @@ mod tests {
     use proptest::prelude::*;
 
     /// A scripted peer: delivers `input` in the given read sizes and accepts
-    /// writes in the given sizes (0 meaning `EAGAIN`).
+    /// writes in the given sizes (0 meaning `EAGAIN`); with a `pipe`, splices
+    /// move bytes by the same scripts.
     struct Fake {
         input: Vec<u8>,
         at: usize,
@@ -173,6 +292,25 @@ mod tests {
         writes: Vec<usize>,
         step: usize,
         output: Vec<u8>,
+        pipe: Option<std::collections::VecDeque<u8>>,
+    }
+
+    impl Fake {
+        fn new(input: Vec<u8>, reads: Vec<usize>, writes: Vec<usize>, pipe: bool) -> Fake {
+            Fake {
+                input,
+                at: 0,
+                reads,
+                writes,
+                step: 0,
+                output: vec![],
+                pipe: pipe.then(Default::default),
+            }
+        }
+
+        fn piped(&self) -> usize {
+            self.pipe.as_ref().map_or(0, |p| p.len())
+        }
     }
 
     impl Io for Fake {
@@ -200,6 +338,43 @@ mod tests {
             self.output.extend_from_slice(&buf[..n]);
             Ok(n)
         }
+        fn can_splice(&self) -> bool {
+            self.pipe.is_some()
+        }
+        fn splice_in(&mut self, len: usize) -> io::Result<usize> {
+            self.step += 1;
+            let pipe = self.pipe.as_mut().expect("splice without a pipe");
+            if self.at == self.input.len() {
+                return Ok(0);
+            }
+            let want = self.reads[self.step % self.reads.len()];
+            if want == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = want.min(len).min(self.input.len() - self.at);
+            pipe.extend(&self.input[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+        fn splice_out(&mut self, len: usize) -> io::Result<usize> {
+            self.step += 1;
+            let pipe = self.pipe.as_mut().expect("splice without a pipe");
+            let take = self.writes[self.step % self.writes.len()];
+            if take == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = take.min(len).min(pipe.len());
+            self.output.extend(pipe.drain(..n));
+            Ok(n)
+        }
+        fn read_pipe(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let pipe = self.pipe.as_mut().expect("read from no pipe");
+            let n = buf.len().min(pipe.len());
+            for (b, p) in buf.iter_mut().zip(pipe.drain(..n)) {
+                *b = p;
+            }
+            Ok(n)
+        }
     }
 
     fn run(fake: &mut Fake, buffer: usize) -> Next {
@@ -214,8 +389,19 @@ mod tests {
             };
             assert!(echo.pending_len() <= buffer);
             assert!(echo.heap_bytes() <= buffer);
+            if !matches!(next, Next::Close(_)) {
+                assert_eq!(fake.piped(), 0, "the pipe is empty between calls");
+            }
+            let (echoed, spliced) = echo.echoed();
+            assert!(spliced <= echoed && echoed as usize == fake.output.len());
         }
         next
+    }
+
+    /// A chunk size for the scripts: `EAGAIN` (0) one time in four, so
+    /// that backpressure is exercised, else 1 to `max` bytes.
+    fn chunk(max: usize) -> impl Strategy<Value = usize> {
+        prop_oneof![1 => Just(0usize), 3 => 1..max]
     }
 
     proptest! {
@@ -224,19 +410,73 @@ mod tests {
         #[test]
         fn echo_is_exact_under_any_chunking(
             input in proptest::collection::vec(any::<u8>(), 0..20_000),
-            reads in proptest::collection::vec(0usize..5_000, 1..8),
-            writes in proptest::collection::vec(0usize..5_000, 1..8),
+            reads in proptest::collection::vec(chunk(5_000), 1..8),
+            writes in proptest::collection::vec(chunk(5_000), 1..8),
             buffer in 1usize..4096,
         ) {
             let mut reads = reads;
             let mut writes = writes;
             reads.push(1); // guarantee progress
             writes.push(1);
-            let mut fake = Fake { input: input.clone(), at: 0, reads, writes, step: 0, output: vec![] };
+            let mut fake = Fake::new(input.clone(), reads, writes, false);
             let end = run(&mut fake, buffer);
             prop_assert_eq!(end, Next::Close(Close::Done));
             prop_assert_eq!(fake.output, input);
         }
+
+        /// The same through the pipe: large messages switch a connection to
+        /// `splice`, small ones back, and whatever the chunking the bytes
+        /// come back exactly, `pending` stays within `buffer_size`, and
+        /// the pipe is empty whenever the worker may turn to another
+        /// connection.
+        #[test]
+        fn echo_through_the_pipe_is_exact_under_any_chunking(
+            input in proptest::collection::vec(any::<u8>(), 0..60_000),
+            reads in proptest::collection::vec(chunk(12_000), 1..8),
+            writes in proptest::collection::vec(chunk(12_000), 1..8),
+            buffer in 512usize..16_384,
+        ) {
+            let mut reads = reads;
+            let mut writes = writes;
+            reads.push(1);
+            writes.push(1);
+            let mut fake = Fake::new(input.clone(), reads, writes, true);
+            let end = run(&mut fake, buffer);
+            prop_assert_eq!(end, Next::Close(Close::Done));
+            prop_assert_eq!(fake.output, input);
+        }
+    }
+
+    /// A message of `SPLICE_MIN` bytes or more sends the next one through
+    /// the pipe; a smaller one sends the next back to `read`/`write`.
+    #[test]
+    fn large_messages_switch_to_the_pipe_and_small_ones_back() {
+        let sizes = [100, 5000, 6000, 200, 300];
+        let input: Vec<u8> = (0..sizes.iter().sum::<usize>()).map(|i| i as u8).collect();
+        let mut fake = Fake::new(input.clone(), vec![], vec![usize::MAX], true);
+        let mut echo = Echo::new();
+        let mut scratch = vec![0u8; 16_384];
+        let mut through_pipe = vec![];
+        for size in sizes {
+            fake.reads = vec![size];
+            let before = echo.echoed().1;
+            assert_eq!(echo.on_readable(&mut fake, &mut scratch), Next::Read);
+            through_pipe.push(echo.echoed().1 > before);
+        }
+        // 100: read; 5000: read (the first large one); 6000: spliced;
+        // 200: spliced (predicted large), then 300 by read again.
+        assert_eq!(through_pipe, [false, false, true, true, false]);
+        assert_eq!(fake.output, input);
+        assert_eq!(echo.echoed(), (input.len() as u64, 6200));
+    }
+
+    /// Where the caller has no pipe, large messages are read and written.
+    #[test]
+    fn without_a_pipe_nothing_is_spliced() {
+        let input = vec![7u8; 50_000];
+        let mut fake = Fake::new(input.clone(), vec![8192], vec![3000, 0], false);
+        assert_eq!(run(&mut fake, 16_384), Next::Close(Close::Done));
+        assert_eq!(fake.output, input);
     }
 
     struct Broken(io::ErrorKind);

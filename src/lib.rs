@@ -27,6 +27,7 @@
 //! | [`scoreboard`] | `MAP_SHARED` heartbeats and counters; the doorbell | master, workers |
 //! | [`worker`] | the prefork worker's epoll loop | worker |
 //! | [`uring`] | the prefork worker's loop on io_uring (`io = "io_uring"`) | worker |
+//! | [`splice`] | the epoll worker's pipe for echoing large messages with `splice(2)` | worker |
 //! | [`conn`] | fork mode: serve one connection | connection child |
 //! | [`echo`] | the echo state machine over a buffer (pure) | worker, child |
 //! | [`logging`] | our `log::Log`: stderr, `<N>` prefixes, syslog, file | all |
@@ -39,6 +40,7 @@
 //! | listening sockets | yes (the reference copies) | yes, until it drains | closed after fork |
 //! | master's signal pipe | yes | closed after fork | closed after fork |
 //! | worker's signal pipe + epoll | — | its own | — |
+//! | worker's splice pipe (`splice = true`, epoll worker) | — | its own, made after the fork | — |
 //! | doorbell of accept balancing (an `eventfd`) | yes (made before the first fork) | yes, until it drains | closed after fork |
 //! | master's bell (an `eventfd` a worker rings to ask for recycling; a signal would need the master's uid) | yes (made before the first fork; polled) | yes (only rings it) | closed after fork |
 //! | client connections | fork mode: each closed right after its fork; one whose fork failed is held until a retry forks for it, accepting nothing meanwhile | its own only | its own only |
@@ -72,6 +74,7 @@ pub mod pidfile;
 pub mod process;
 pub mod scoreboard;
 pub mod signals;
+pub mod splice;
 pub mod uring;
 pub mod worker;
 pub mod workers;

@@ -4,8 +4,9 @@
 //! Runs in: each prefork worker (and, with `--single-process`, in the
 //! foreground process itself, for gdb and strace).
 //!
-//! Owns: its epoll instance, its signal pipe, its connections, and its
-//! copies of the listeners, which it closes when it drains. It also holds
+//! Owns: its epoll instance, its signal pipe, its splice pipe (with
+//! `splice = true`), its connections, and its copies of the listeners,
+//! which it closes when it drains. It also holds
 //! the master's bell ([`crate::signals::Bell`]), which it only rings. Signals:
 //! `SIGTERM` = stop accepting and drain; `SIGINT`/`SIGQUIT` = close
 //! everything and exit now.
@@ -82,6 +83,14 @@
 //! during a reload the old generation, which still holds its connections,
 //! leaves new ones to the new generation until it drains.
 //!
+//! ## Large messages through a pipe (`splice`, on by default)
+//! A connection whose last message was 4 KiB or more has its next one
+//! echoed with two `splice(2)` calls through the worker's one pipe
+//! ([`crate::splice::Pipe`]), so the bytes never enter the scratch buffer;
+//! the state machine decides ([`crate::echo`]), and [`Worker::drive`]
+//! empties the pipe after any call that left bytes in it (a connection
+//! that failed half-way), so that no connection sends another's bytes.
+//!
 //! ## Busy polling (`busy_poll`, off by default)
 //! A worker that sleeps in `epoll_wait` between two messages of a
 //! connection pays for the sleep twice: the kernel's wake-up (a context
@@ -111,6 +120,7 @@ use crate::listener::{accept_error_consumes_a_connection, Listener};
 use crate::process::exit_code;
 use crate::scoreboard::{now_ms, IpKey, Others, Scoreboard, Taking};
 use crate::signals::{SignalPipe, WORKER_SIGNALS};
+use crate::splice::Pipe;
 
 /// epoll token of the signal pipe.
 const TOKEN_SIGNALS: u64 = 0;
@@ -164,15 +174,40 @@ pub struct Seat<'a> {
     pub bell: Option<std::os::fd::BorrowedFd<'a>>,
 }
 
-/// The socket as the echo state machine sees it.
-struct SocketIo<'a>(&'a TcpStream);
+/// The socket as the echo state machine sees it, with the worker's pipe
+/// where there is one.
+struct SocketIo<'a> {
+    stream: &'a TcpStream,
+    pipe: Option<&'a mut Pipe>,
+}
 
 impl crate::echo::Io for SocketIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        io::Read::read(&mut self.0, buf)
+        io::Read::read(&mut self.stream, buf)
     }
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        io::Write::write(&mut self.0, buf)
+        io::Write::write(&mut self.stream, buf)
+    }
+    fn can_splice(&self) -> bool {
+        self.pipe.as_ref().is_some_and(|p| p.usable())
+    }
+    fn splice_in(&mut self, len: usize) -> io::Result<usize> {
+        match self.pipe.as_mut() {
+            Some(p) => p.fill_from(self.stream, len),
+            None => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+    fn splice_out(&mut self, len: usize) -> io::Result<usize> {
+        match self.pipe.as_mut() {
+            Some(p) => p.drain_to(self.stream, len),
+            None => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+    fn read_pipe(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.pipe.as_mut() {
+            Some(p) => p.read(buf),
+            None => Err(io::ErrorKind::Unsupported.into()),
+        }
     }
 }
 
@@ -626,6 +661,9 @@ struct Worker<'a> {
     balance: Balance<'a>,
     busy: BusyPoll,
     now: u64,
+    /// The pipe large messages are echoed through (`splice = true`); empty
+    /// whenever [`Worker::drive`] returns.
+    pipe: Option<Pipe>,
 }
 
 /// Runs the worker until it has drained or is told to exit; returns the
@@ -691,7 +729,16 @@ impl<'a> Worker<'a> {
             balance,
             busy: BusyPoll::new(config),
             now: now_ms(),
+            pipe: None,
         };
+        if config.splice {
+            match Pipe::new(config.buffer_size) {
+                Ok(p) => w.pipe = Some(p),
+                Err(e) => {
+                    log::warn!("cannot make the splice pipe ({e}); echoing with read and write")
+                }
+            }
+        }
         w.resume_accepting()?;
         Ok(w)
     }
@@ -842,7 +889,10 @@ impl<'a> Worker<'a> {
         let Some(Some(conn)) = self.conns.get_mut(idx) else {
             return;
         };
-        let mut io = SocketIo(&conn.stream);
+        let mut io = SocketIo {
+            stream: &conn.stream,
+            pipe: self.pipe.as_mut(),
+        };
         let next = match conn.waiting {
             Next::Read => conn.echo.on_readable(&mut io, &mut self.scratch),
             Next::Write
@@ -854,6 +904,11 @@ impl<'a> Worker<'a> {
             }
             _ => return,
         };
+        // What a connection that ended left in the pipe must not reach the
+        // next one.
+        if let Some(p) = self.pipe.as_mut().filter(|p| p.held() > 0) {
+            p.discard();
+        }
         conn.last_active = self.now;
         if next == conn.waiting {
             return;
@@ -892,7 +947,13 @@ impl<'a> Worker<'a> {
                 peer_of(&conn.stream),
                 io::Error::from_raw_os_error(errno)
             ),
-            _ => log::debug!("connection from {} closed ({why:?})", peer_of(&conn.stream)),
+            _ => {
+                let (echoed, spliced) = conn.echo.echoed();
+                log::debug!(
+                    "connection from {} closed ({why:?}); {echoed} bytes echoed, {spliced} through the pipe",
+                    peer_of(&conn.stream)
+                );
+            }
         }
         self.gate.release(conn.ip);
         drop(conn);

@@ -1,8 +1,9 @@
 //! RFC 862 echo, end to end: every byte a client sends comes back, in
 //! order, nothing more, over IPv4 and IPv6, in both serving modes, under
 //! many concurrent connections; `--single-process` serves with no child at
-//! all; and `busy_poll` keeps a worker polling after traffic, then lets it
-//! sleep.
+//! all; `busy_poll` keeps a worker polling after traffic, then lets it
+//! sleep; and large messages go through the worker's pipe (`splice`),
+//! small ones do not.
 //!
 //! The test process never forks: each connection gets a writer thread and a
 //! reader thread, so a large payload cannot deadlock on full socket buffers.
@@ -400,4 +401,77 @@ fn busy_poll_runs_then_sleeps_on_epoll() {
 #[test]
 fn busy_poll_runs_then_sleeps_on_io_uring() {
     busy_poll("io_uring");
+}
+
+/// The `(echoed, through the pipe)` byte counts of the connections the
+/// log says were closed after their client's end of stream.
+fn closed_counts(log: &str) -> Vec<(u64, u64)> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = l.split("closed (Done); ").nth(1)?;
+            let (echoed, rest) = rest.split_once(" bytes echoed, ")?;
+            let (spliced, _) = rest.split_once(" through the pipe")?;
+            Some((echoed.parse().ok()?, spliced.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `large_messages_go_through_the_pipe`: with `splice` on (the default),
+/// a connection that sends 64 KiB messages has them echoed through the
+/// worker's pipe (the close line, at debug level, counts the bytes); one
+/// that sends 64-byte messages has them read and written; with `splice =
+/// false` nothing goes through a pipe. Every byte comes back either way.
+#[test]
+fn large_messages_go_through_the_pipe() {
+    for splice in [true, false] {
+        let e = Echod::start(&format!(
+            "listen = [\"127.0.0.1:0\"]\nworkers = 1\nsplice = {splice}\n\
+             [log]\ntarget = \"stderr\"\nlevel = \"debug\"\n"
+        ));
+        let large = payload(11, 4 << 20);
+        echo_once(e.addr(), &large);
+        let mut s = connect(e.addr());
+        for i in 0..100u8 {
+            let msg = [i; 64];
+            assert_eq!(roundtrip(&mut s, &msg).expect("small echo"), msg);
+        }
+        drop(s);
+        assert!(
+            wait_until(Duration::from_secs(10), || closed_counts(&e.log()).len()
+                == 2),
+            "splice = {splice}: no two close lines\n{}",
+            e.log()
+        );
+        let counts = closed_counts(&e.log());
+        let big = counts.iter().find(|c| c.0 == large.len() as u64);
+        let small = counts.iter().find(|c| c.0 == 6400);
+        let (Some(&(_, big_spliced)), Some(&(_, small_spliced))) = (big, small) else {
+            panic!("splice = {splice}: counts {counts:?}\n{}", e.log());
+        };
+        if splice {
+            // All but the first message of each run of large ones (read
+            // to learn the size) and the copies of short sends.
+            assert!(
+                big_spliced >= large.len() as u64 / 2,
+                "only {big_spliced} of {} bytes through the pipe",
+                large.len()
+            );
+        } else {
+            assert_eq!(big_spliced, 0);
+        }
+        assert_eq!(small_spliced, 0, "64-byte messages went through the pipe");
+        e.assert_no_errors();
+    }
+}
+
+/// `prefork_echo_without_splice_is_byte_exact`: the byte-exact check of
+/// `prefork_echo_is_byte_exact` with `splice = false`, where large
+/// messages are read and written like small ones.
+#[test]
+fn prefork_echo_without_splice_is_byte_exact() {
+    echo_is_byte_exact(
+        "prefork without splice",
+        "mode = \"prefork\"\nworkers = 2\nsplice = false",
+        4,
+    );
 }

@@ -87,6 +87,7 @@ fn config(u: &mut Unstructured) -> Result<Config> {
         max_connections_per_ip: u.int_in_range(0..=1_000_000)?,
         overload: *u.choose(&[Overload::Wait, Overload::Reject])?,
         buffer_size: u.int_in_range(512..=16 << 20)?,
+        splice: u.arbitrary()?,
         idle_timeout: duration(u)?,
         shutdown_timeout: duration(u)?,
         // 0 (off) or at least MIN_WORKER_TIMEOUT.
