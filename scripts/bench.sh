@@ -7,8 +7,8 @@
 # mode (for the connection-rate load only), echod with the io_uring worker
 # (after the other two, every round), echod with busy_poll = "50us" (for
 # two ping-pong loads only), echod with balance = false (ping-pong x50 and
-# stream only, the loads where placement shows) and examples/tokio_echo.rs,
-# each on
+# stream only, the loads where placement shows), echod with splice = false
+# (stream only, the load that splices) and examples/tokio_echo.rs, each on
 # 127.0.0.1:0 (the port is read from its log). Then, side by side, the
 # CPU loads run against echod and the reference at the same moment (two
 # echod-bench processes started together), so that both servers see the same
@@ -182,14 +182,15 @@ launch() {
     fi
 }
 
-echod_config() { # MODE [IO] [BUSY_POLL] [BALANCE] -> path of a config file
-    local file=$tmp/echod-$1-${2:-epoll}-${3:-0s}-${4:-true}.toml
+echod_config() { # MODE [IO] [BUSY_POLL] [BALANCE] [SPLICE] -> path of a config file
+    local file=$tmp/echod-$1-${2:-epoll}-${3:-0s}-${4:-true}-${5:-true}.toml
     cat >"$file" <<EOF
 listen = ["127.0.0.1:0"]
 mode = "$1"
 io = "${2:-epoll}"
 busy_poll = "${3:-0s}"
 balance = ${4:-true}
+splice = ${5:-true}
 workers = $(nproc)
 # The hold load keeps $HOLD connections open at once.
 max_connections = $((HOLD + 1000))
@@ -282,13 +283,14 @@ measure_pair() {
     done
 }
 
-# run_pairs SERVER PORT PID [placement]: the side-by-side loads, $PAIRS
-# times; with "placement", only the two where placement shows.
+# run_pairs SERVER PORT PID [placement|stream]: the side-by-side loads,
+# $PAIRS times; with "placement", only the two where placement shows; with
+# "stream", the stream alone.
 run_pairs() {
     local s=$1 port=$2 pid=$3 all=${4:-all}
     [ -n "$ref_port" ] || return 0
     for ((repeat = 1; repeat <= PAIRS; repeat++)); do
-        measure_pair pingpong50 "$s" "$port" "$pid" pingpong -c 50 -l 64 "${paired[@]}"
+        [ "$all" = stream ] || measure_pair pingpong50 "$s" "$port" "$pid" pingpong -c 50 -l 64 "${paired[@]}"
         if [ "$all" = all ]; then
             measure_pair pingpong500 "$s" "$port" "$pid" pingpong -c 500 -l 64 "${paired[@]}"
             measure_pair pingpong1 "$s" "$port" "$pid" pingpong -c 1 -l 64 "${paired[@]}"
@@ -302,7 +304,7 @@ echo "bench: $ROUNDS rounds, ${DURATION} s per load after ${WARMUP} s warm-up, $
 
 for ((round = 1; round <= ROUNDS; round++)); do
     echo "bench: round $round of $ROUNDS" >&2
-    pre_port='' ref_port='' fork_port='' uring_port='' busy_port='' unbal_port=''
+    pre_port='' ref_port='' fork_port='' uring_port='' busy_port='' unbal_port='' plain_port=''
     launch pre echod-prefork "$echod" --config "$(echod_config prefork)"
     launch ref tokio "$reference" 127.0.0.1:0
     launch fork echod-fork "$echod" --config "$(echod_config fork)"
@@ -313,6 +315,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     launch busy echod-busy "$echod" --config "$(echod_config prefork epoll 50us)"
     # Without accept balancing: the kernel alone places the connections.
     launch unbal echod-unbal "$echod" --config "$(echod_config prefork epoll 0s false)"
+    # Without splice: large messages read and written like small ones.
+    launch plain echod-nosplice "$echod" --config "$(echod_config prefork epoll 0s true false)"
 
     # Alternate which server goes first, so neither always runs on a machine
     # warmed (or tired) by the other.
@@ -326,8 +330,10 @@ for ((round = 1; round <= ROUNDS; round++)); do
             measure hold tokio "$ref_port" "$ref_pid" hold -n "$HOLD" -d "$HOLD_IDLE" -t "$THREADS"
         fi
     done
-    for s in "${order[@]}" uring busy unbal; do
-        if [ "$s" = unbal ]; then
+    for s in "${order[@]}" uring busy unbal plain; do
+        if [ "$s" = plain ]; then
+            [ -z "$plain_port" ] || measure stream echod-nosplice "$plain_port" "$plain_pid" stream -c 4 -l 65536 "${timed[@]}"
+        elif [ "$s" = unbal ]; then
             [ -z "$unbal_port" ] || {
                 measure pingpong50 echod-unbal "$unbal_port" "$unbal_pid" pingpong -c 50 -l 64 "${timed[@]}"
                 measure stream echod-unbal "$unbal_port" "$unbal_pid" stream -c 4 -l 65536 "${timed[@]}"
@@ -355,16 +361,18 @@ for ((round = 1; round <= ROUNDS; round++)); do
     done
 
     # Side by side, last: echod (epoll), then echod (io_uring), then echod
-    # without balancing, each beside the reference.
+    # without balancing, then without splice, each beside the reference.
     [ -z "$pre_port" ] || run_pairs echod "$pre_port" "$pre_pid"
     [ -z "$uring_port" ] || run_pairs echod-uring "$uring_port" "$uring_pid"
     [ -z "$unbal_port" ] || run_pairs echod-unbal "$unbal_port" "$unbal_pid" placement
+    [ -z "$plain_port" ] || run_pairs echod-nosplice "$plain_port" "$plain_pid" stream
 
     [ -z "$pre_port" ] || stop_server "$pre_pid" INT
     [ -z "$fork_port" ] || stop_server "$fork_pid" INT
     [ -z "$uring_port" ] || stop_server "$uring_pid" INT
     [ -z "$busy_port" ] || stop_server "$busy_pid" INT
     [ -z "$unbal_port" ] || stop_server "$unbal_pid" INT
+    [ -z "$plain_port" ] || stop_server "$plain_pid" INT
     [ -z "$ref_port" ] || stop_server "$ref_pid" TERM
 done
 
@@ -454,9 +462,9 @@ pair_ratio() {
 
 # pair_row LABEL METRIC BETTER LOAD KEY
 pair_row() {
-    printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$2" \
+    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$1" "$2" \
         "$(fmt "$(pair_ratio "$4" echod "$5")" 2)" "$(fmt "$(pair_ratio "$4" echod-uring "$5")" 2)" \
-        "$(fmt "$(pair_ratio "$4" echod-unbal "$5")" 2)" "$3"
+        "$(fmt "$(pair_ratio "$4" echod-unbal "$5")" 2)" "$(fmt "$(pair_ratio "$4" echod-nosplice "$5")" 2)" "$3"
 }
 
 table=$out/table.md
@@ -494,13 +502,15 @@ table=$out/table.md
     row "pingpong 64 B x 50 conns (balance = false)" "server context switches/msg" lower pingpong50 server_switches_per_msg 3 echod-unbal
     row "stream 4 conns x 64 KiB (balance = false)" "MB/s" higher stream mb_per_s 0 echod-unbal
     row "stream 4 conns x 64 KiB (balance = false)" "server CPU s/GB" lower stream server_cpu_s_per_gb 3 echod-unbal
+    row "stream 4 conns x 64 KiB (splice = false)" "MB/s" higher stream mb_per_s 0 echod-nosplice
+    row "stream 4 conns x 64 KiB (splice = false)" "server CPU s/GB" lower stream server_cpu_s_per_gb 3 echod-nosplice
     row "hold $HOLD idle conns" "server RSS KiB/conn" lower hold rss_kib_per_conn 2
     row "hold $HOLD idle conns" "server PSS KiB/conn" lower hold pss_kib_per_conn 2
     echo
     echo "Side by side (the load against echod and the reference at the same moment, $pair_threads client threads each, $PAIRS pairs per round): median (min-max) over the $((ROUNDS * PAIRS)) pairs of each pair's ratio echod / reference."
     echo
-    echo "| load | metric | echod / reference | echod (io_uring) / reference | echod (balance = false) / reference | better |"
-    echo "| --- | --- | ---: | ---: | ---: | --- |"
+    echo "| load | metric | echod / reference | echod (io_uring) / reference | echod (balance = false) / reference | echod (splice = false) / reference | better |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | --- |"
     pair_row "pingpong 64 B x 50 conns" "msgs/s" higher pingpong50 msgs_per_s
     pair_row "pingpong 64 B x 50 conns" "server CPU us/msg" lower pingpong50 server_cpu_us_per_msg
     pair_row "pingpong 64 B x 500 conns" "msgs/s" higher pingpong500 msgs_per_s
