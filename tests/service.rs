@@ -541,3 +541,96 @@ fn daemon_launcher_gives_up_on_a_pool_that_never_comes_up() {
     assert!(!pidfile.exists(), "{log}");
     assert!(log.contains("respawning in"), "no crash loop?\n{log}");
 }
+
+/// `cmd` as root without `CAP_SETUID` and `CAP_SETGID`: both are dropped
+/// from the bounding set before `exec`, so the exec'd echod (uid 0, file
+/// capabilities "all" for root) is left without them. Its config checks
+/// pass (it is root), and its workers then fail to switch users.
+fn without_setuid_caps(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes prctl(2) calls, which are async-signal-safe, on the child's own
+    // capability bounding set.
+    unsafe {
+        cmd.pre_exec(|| {
+            // CAP_SETGID = 6, CAP_SETUID = 7 (linux/capability.h).
+            for cap in [6, 7] {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// `a_worker_that_cannot_start_stops_echod`: a worker that cannot switch
+/// to `user` exits with the fatal code (2), and the master, instead of
+/// respawning it in a loop, logs why and stops with exit 1 (nginx does the
+/// same with its fatal code); with `--daemon`, the launcher prints that
+/// reason and exits 1, leaving no process and no pid file behind. Made
+/// real by starting echod as root without `CAP_SETUID`/`CAP_SETGID`.
+#[test]
+fn a_worker_that_cannot_start_stops_echod() {
+    if skip_unless_root("a_worker_that_cannot_start_stops_echod") {
+        return;
+    }
+    let dir = TempDir::new("fatal-worker");
+    let cfg = dir.path("echod.toml");
+    let pidfile = dir.path("echod.pid");
+    let logfile = dir.path("echod.log");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nworkers = 2\nuser = \"nobody\"\npid_file = \"{}\"\n\
+             [log]\ntarget = \"file\"\nfile = \"{}\"\nlevel = \"info\"\n",
+            pidfile.display(),
+            logfile.display()
+        ),
+    )
+    .unwrap();
+    let log = || std::fs::read_to_string(&logfile).unwrap_or_default();
+
+    // In the foreground.
+    let mut cmd = echod_command();
+    cmd.arg("--config").arg(&cfg);
+    without_setuid_caps(&mut cmd);
+    let run = run_bounded(cmd, LIMIT, || {});
+    assert_eq!(run.code(), Some(1), "{}\n{}", run.stderr, log());
+    let text = log();
+    assert!(
+        text.contains("cannot switch to user nobody")
+            && text.contains("cannot start (exited with code 2); stopping echod"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("respawning in"),
+        "a fatal worker was respawned\n{text}"
+    );
+    assert!(!pidfile.exists(), "{text}");
+
+    // Detached: the launcher reports the reason.
+    std::fs::remove_file(&logfile).unwrap();
+    let mut cmd = echod_command();
+    cmd.args(["--daemon", "--config"]).arg(&cfg);
+    without_setuid_caps(&mut cmd);
+    let mut daemons = Vec::new();
+    let run = launch(cmd, &pidfile, &mut daemons);
+    assert_eq!(run.code(), Some(1), "{}\n{}", run.stderr, log());
+    assert!(
+        run.stderr
+            .contains("cannot start (exited with code 2); stopping echod"),
+        "{}\n{}",
+        run.stderr,
+        log()
+    );
+    for d in &daemons {
+        assert!(
+            wait_until(LIMIT, || !alive(d.id())),
+            "the daemon {} still runs\n{}",
+            d.id(),
+            log()
+        );
+    }
+    assert!(wait_until(LIMIT, || !pidfile.exists()), "{}", log());
+}
