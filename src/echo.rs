@@ -404,6 +404,25 @@ mod tests {
         prop_oneof![1 => Just(0usize), 3 => 1..max]
     }
 
+    /// Runs `input` through a [`Fake`] with these scripts (each given a
+    /// 1 at the end, so that there is progress) and checks that it all
+    /// comes back, then end of stream.
+    fn echoes_exactly(
+        input: Vec<u8>,
+        mut reads: Vec<usize>,
+        mut writes: Vec<usize>,
+        buffer: usize,
+        pipe: bool,
+    ) -> Result<(), TestCaseError> {
+        reads.push(1);
+        writes.push(1);
+        let mut fake = Fake::new(input.clone(), reads, writes, pipe);
+        let end = run(&mut fake, buffer);
+        prop_assert_eq!(end, Next::Close(Close::Done));
+        prop_assert_eq!(fake.output, input);
+        Ok(())
+    }
+
     proptest! {
         /// Any byte stream, read and written in any chunking, comes back
         /// exactly, and the pending buffer never outgrows `buffer_size`.
@@ -414,14 +433,7 @@ mod tests {
             writes in proptest::collection::vec(chunk(5_000), 1..8),
             buffer in 1usize..4096,
         ) {
-            let mut reads = reads;
-            let mut writes = writes;
-            reads.push(1); // guarantee progress
-            writes.push(1);
-            let mut fake = Fake::new(input.clone(), reads, writes, false);
-            let end = run(&mut fake, buffer);
-            prop_assert_eq!(end, Next::Close(Close::Done));
-            prop_assert_eq!(fake.output, input);
+            echoes_exactly(input, reads, writes, buffer, false)?;
         }
 
         /// The same through the pipe: large messages switch a connection to
@@ -436,14 +448,7 @@ mod tests {
             writes in proptest::collection::vec(chunk(12_000), 1..8),
             buffer in 512usize..16_384,
         ) {
-            let mut reads = reads;
-            let mut writes = writes;
-            reads.push(1);
-            writes.push(1);
-            let mut fake = Fake::new(input.clone(), reads, writes, true);
-            let end = run(&mut fake, buffer);
-            prop_assert_eq!(end, Next::Close(Close::Done));
-            prop_assert_eq!(fake.output, input);
+            echoes_exactly(input, reads, writes, buffer, true)?;
         }
     }
 
