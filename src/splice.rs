@@ -31,6 +31,8 @@ pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     held: usize,
+    /// The size asked for at [`Pipe::new`], asked again for a replacement.
+    bytes: usize,
     /// The kernel refused to splice a socket into it (`EINVAL`): echo with
     /// `read` and `write` from then on.
     refused: bool,
@@ -52,6 +54,7 @@ impl Pipe {
             read,
             write,
             held: 0,
+            bytes,
             refused: false,
         })
     }
@@ -63,9 +66,8 @@ impl Pipe {
 
     /// Moves at most `len` bytes from `socket` into the pipe, after what
     /// it holds (nothing, when a connection starts: see the module doc):
-    /// `Ok(0)` is
-    /// the end of the stream; `Unsupported` if the kernel cannot splice
-    /// the socket (it is then never asked again).
+    /// `Ok(0)` is the end of the stream; `Unsupported` if the kernel
+    /// cannot splice the socket (it is then never asked again).
     pub fn fill_from(&mut self, socket: impl AsFd, len: usize) -> io::Result<usize> {
         match splice(
             socket,
@@ -120,11 +122,16 @@ impl Pipe {
             match self.read(&mut sink) {
                 Ok(n) if n > 0 => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                _ => {
-                    match Pipe::new(0) {
+                failed => {
+                    log::warn!("emptying the splice pipe: {failed:?}; replacing it");
+                    match Pipe::new(self.bytes) {
                         Ok(fresh) => *self = fresh,
-                        // No descriptor for a new one: stop splicing.
-                        Err(_) => {
+                        // No descriptor for a new one: stop splicing (the
+                        // old pipe, never used again, keeps what it holds).
+                        Err(e) => {
+                            log::warn!(
+                                "cannot make a new splice pipe ({e}); echoing with read and write"
+                            );
                             self.held = 0;
                             self.refused = true;
                         }

@@ -6,10 +6,10 @@
 //!
 //! Owns: its epoll instance, its signal pipe, its splice pipe (with
 //! `splice = true`), its connections, and its copies of the listeners,
-//! which it closes when it drains. It also holds
-//! the master's bell ([`crate::signals::Bell`]), which it only rings. Signals:
-//! `SIGTERM` = stop accepting and drain; `SIGINT`/`SIGQUIT` = close
-//! everything and exit now.
+//! which it closes when it drains. It also holds the master's bell
+//! ([`crate::signals::Bell`]), which it only rings. Signals: `SIGTERM` =
+//! stop accepting and drain; `SIGINT`/`SIGQUIT` = close everything and
+//! exit now.
 //!
 //! ## Level-triggered, on purpose
 //! Every descriptor is registered level-triggered. Echo is read-then-write:
