@@ -27,7 +27,10 @@
 //! judged on the message before: a stream's next read is large as its last
 //! one was, and a ping-pong client's small. The same bound holds: a splice
 //! takes at most `buffer_size` bytes, and what the socket does not take at
-//! once is read out of the pipe into `pending` (the one copy, as above).
+//! once is read out of the pipe into `pending` (the one copy, as above). A
+//! splice that moves nothing hands that message to `read`, which alone
+//! tells the end of the stream from TCP urgent data (`MSG_OOB`), a byte
+//! `splice` never moves.
 //! The pipe is the worker's, shared by all its connections, so it must be
 //! empty whenever the worker turns to another connection: it is after
 //! every call that returns [`Next::Read`] or [`Next::Write`]; after
@@ -50,8 +53,9 @@ pub trait Io {
         false
     }
     /// `splice(2)` of at most `len` bytes from the socket into the empty
-    /// pipe: `Ok(0)` is end of stream. `Unsupported` where the kernel
-    /// cannot splice the socket.
+    /// pipe. `Ok(0)` and `WouldBlock` may also mean TCP urgent data next
+    /// in the stream, with bytes after it: [`Echo`] then asks `read`.
+    /// `Unsupported` where the kernel cannot splice the socket.
     fn splice_in(&mut self, _len: usize) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())
     }
@@ -179,15 +183,23 @@ impl Echo {
     /// pipe into `pending` (backpressure, as in `on_readable`).
     fn splice_through(&mut self, io: &mut impl Io, scratch: &mut [u8]) -> Next {
         let n = match io.splice_in(scratch.len()) {
-            Ok(0) => {
-                self.eof = true;
-                return Next::Close(Close::Done);
-            }
-            Ok(n) => n,
-            // Nothing moved: back to read/write for this message.
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
-                self.splicing = false;
-                return self.on_readable(io, scratch);
+            Ok(n) if n > 0 => n,
+            // Nothing moved, and `splice` cannot tell why: Linux's moves no
+            // TCP urgent data (`MSG_OOB`), and with that byte next answers
+            // `EAGAIN` although the socket is readable (level-triggered,
+            // the worker would be woken for it again and again), or 0 once
+            // the client has shut its side although bytes follow. `read`
+            // skips that byte and tells the end of the stream from an empty
+            // queue, so this message goes by `read` and `write`; so does
+            // every message where the kernel cannot splice the socket.
+            Ok(_) => return self.read_instead(io, scratch),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Unsupported
+                ) =>
+            {
+                return self.read_instead(io, scratch)
             }
             Err(e) => return on_error(e, Next::Read),
         };
@@ -227,6 +239,13 @@ impl Echo {
         }
         self.sent = 0;
         Next::Write
+    }
+
+    /// [`Self::on_readable`] by `read` and `write`, for a message `splice`
+    /// did not move.
+    fn read_instead(&mut self, io: &mut impl Io, scratch: &mut [u8]) -> Next {
+        self.splicing = false;
+        self.on_readable(io, scratch)
     }
 
     /// The connection is writable: flush what is pending. Returns
@@ -482,6 +501,133 @@ mod tests {
         let mut fake = Fake::new(input.clone(), vec![8192], vec![3000, 0], false);
         assert_eq!(run(&mut fake, 16_384), Next::Close(Close::Done));
         assert_eq!(fake.output, input);
+    }
+
+    /// A socket whose byte at `mark` is TCP urgent data (`MSG_OOB`, not
+    /// inline), as Linux treats it: `read` skips that byte and goes on,
+    /// `splice` stops before it and, with it next, moves nothing, answering
+    /// `EAGAIN` while the connection is open (`shut` false) and 0 once the
+    /// client has shut its side, though bytes follow.
+    struct Urgent {
+        input: Vec<u8>,
+        at: usize,
+        mark: Option<usize>,
+        shut: bool,
+        pipe: std::collections::VecDeque<u8>,
+        output: Vec<u8>,
+    }
+
+    impl Urgent {
+        /// The bytes from `at` that one call may move: up to the mark.
+        fn span(&self, len: usize) -> usize {
+            let end = self
+                .mark
+                .filter(|&m| m >= self.at)
+                .unwrap_or(self.input.len());
+            len.min(end - self.at)
+        }
+
+        /// `Ok(0)` at the end of the input once shut, else `EAGAIN`.
+        fn nothing(&self) -> io::Result<usize> {
+            if self.shut {
+                Ok(0)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        }
+    }
+
+    impl Io for Urgent {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.mark == Some(self.at) {
+                self.at += 1;
+                self.mark = None;
+            }
+            let n = self.span(buf.len());
+            if n == 0 {
+                return self.nothing();
+            }
+            buf[..n].copy_from_slice(&self.input[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn can_splice(&self) -> bool {
+            true
+        }
+        fn splice_in(&mut self, len: usize) -> io::Result<usize> {
+            let n = self.span(len);
+            if n == 0 {
+                return self.nothing();
+            }
+            self.pipe.extend(&self.input[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+        fn splice_out(&mut self, len: usize) -> io::Result<usize> {
+            let n = len.min(self.pipe.len());
+            self.output.extend(self.pipe.drain(..n));
+            Ok(n)
+        }
+        fn read_pipe(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.pipe.len());
+            for (b, p) in buf.iter_mut().zip(self.pipe.drain(..n)) {
+                *b = p;
+            }
+            Ok(n)
+        }
+    }
+
+    /// Urgent data next in a spliced stream neither stalls the connection
+    /// (`splice` answers `EAGAIN` while the socket stays readable: under
+    /// level-triggered epoll the worker would spin) nor ends it (`splice`
+    /// answers 0 after the client's shutdown, though bytes follow): the
+    /// bytes after it come back, as they do by `read`, then end of stream.
+    #[test]
+    fn urgent_data_neither_stalls_nor_ends_a_spliced_stream() {
+        for shut in [false, true] {
+            let mut input = vec![b'x'; 8192];
+            input.push(b'!');
+            input.extend([b'y'; 100]);
+            let mut io = Urgent {
+                input,
+                at: 0,
+                mark: Some(8192),
+                shut,
+                pipe: Default::default(),
+                output: vec![],
+            };
+            let mut echo = Echo::new();
+            let mut scratch = vec![0u8; 16_384];
+            // The first message, 8192 bytes by `read`, up to the mark,
+            // sends the next through the pipe.
+            assert_eq!(echo.on_readable(&mut io, &mut scratch), Next::Read);
+            let mut next = Next::Read;
+            for _ in 0..10 {
+                next = echo.on_readable(&mut io, &mut scratch);
+                if next != Next::Read || io.output.len() == 8292 {
+                    break;
+                }
+            }
+            let mut want = vec![b'x'; 8192];
+            want.extend([b'y'; 100]);
+            assert!(
+                io.output == want,
+                "shut = {shut}: {} bytes back",
+                io.output.len()
+            );
+            if shut {
+                assert_eq!(
+                    echo.on_readable(&mut io, &mut scratch),
+                    Next::Close(Close::Done)
+                );
+            } else {
+                assert_eq!(next, Next::Read);
+            }
+        }
     }
 
     struct Broken(io::ErrorKind);

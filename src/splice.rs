@@ -66,8 +66,11 @@ impl Pipe {
 
     /// Moves at most `len` bytes from `socket` into the pipe, after what
     /// it holds (nothing, when a connection starts: see the module doc):
-    /// `Ok(0)` is the end of the stream; `Unsupported` if the kernel
-    /// cannot splice the socket (it is then never asked again).
+    /// `Ok(0)` at the end of the stream, and `EAGAIN` with nothing
+    /// queued, but also either with TCP urgent data (`MSG_OOB`) next,
+    /// which `splice` never moves (`tcp_splice_read` stops before it), so
+    /// the caller asks `read` then; `Unsupported` if the kernel cannot
+    /// splice the socket (it is then never asked again).
     pub fn fill_from(&mut self, socket: impl AsFd, len: usize) -> io::Result<usize> {
         match splice(
             socket,

@@ -875,6 +875,76 @@ fn fork_reset_storm_leaks_nothing() {
     reset_storm("fork");
 }
 
+/// Sends `byte` as TCP urgent data (`send` with `MSG_OOB`).
+fn send_urgent(s: &TcpStream, byte: u8) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the buffer is one valid byte for the length given, and the
+    // descriptor is the open socket `s` borrows.
+    let n = unsafe { libc::send(s.as_raw_fd(), [byte].as_ptr().cast(), 1, libc::MSG_OOB) };
+    assert_eq!(n, 1, "send(MSG_OOB): {}", std::io::Error::last_os_error());
+}
+
+/// `prefork_urgent_data_neither_stalls_nor_cuts_a_spliced_stream`: a
+/// client that sends large messages (so that the worker echoes its next
+/// one through its pipe), then 8192 bytes, one byte of urgent data
+/// (`MSG_OOB`) and 100 bytes more gets all but the urgent byte back (which
+/// TCP takes out of the stream, and `read` skips), then end of stream once
+/// it shuts its side; with `splice = true` as with `false`. Linux's
+/// `splice` moves no urgent data: with that byte next it answers `EAGAIN`
+/// while the socket stays readable, and 0 once the client has shut its
+/// side, though bytes follow; neither may stall the connection (a worker
+/// spinning on a level-triggered event) or end it early (a reset, with
+/// the rest unread).
+#[test]
+fn prefork_urgent_data_neither_stalls_nor_cuts_a_spliced_stream() {
+    for splice in [true, false] {
+        let e = start("prefork", &format!("workers = 1\nsplice = {splice}"));
+        for shut in [false, true] {
+            let what = format!("splice = {splice}, shut = {shut}");
+            let mut s = connect(e.addr());
+            for _ in 0..3 {
+                echo_on(&mut s, &[b'a'; 8192], &what);
+            }
+            s.write_all(&[b'x'; 8192]).unwrap();
+            send_urgent(&s, b'!');
+            s.write_all(&[b'y'; 100]).unwrap();
+            let mut want = vec![b'x'; 8192];
+            want.extend([b'y'; 100]);
+            let mut got = vec![];
+            let ended = if shut {
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                s.read_to_end(&mut got).map(|_| ())
+            } else {
+                let mut buf = [0u8; 16_384];
+                let mut ended = Ok(());
+                while got.len() < want.len() {
+                    match s.read(&mut buf) {
+                        Ok(0) => {
+                            ended = Err(std::io::ErrorKind::UnexpectedEof.into());
+                            break;
+                        }
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            ended = Err(e);
+                            break;
+                        }
+                    }
+                }
+                ended
+            };
+            assert!(
+                ended.is_ok() && got == want,
+                "{what}: {ended:?} after {} bytes back of {}\n{}",
+                got.len(),
+                want.len(),
+                e.log()
+            );
+        }
+        e.assert_no_errors();
+    }
+}
+
 /// `prefork_killed_workers_per_ip_counts_are_released`: two workers with
 /// `max_connections = 2` and `max_connections_per_ip = 3`, so 127.0.0.2's
 /// three connections sit on both. SIGKILL to the worker holding the most of
