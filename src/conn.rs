@@ -24,6 +24,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::sys::socket::{send, MsgFlags};
 
+use crate::acked::Acked;
 use crate::config::Config;
 use crate::echo::{Close, Echo, Next};
 use crate::process::exit_code;
@@ -36,14 +37,20 @@ use crate::process::exit_code;
 /// (a non-blocking `send`, then `poll` for room). A byte moved in either
 /// direction moves the deadline, as in the prefork worker, so a client
 /// that reads its echo slowly keeps its connection, and one that stopped
-/// reading loses it `idle_timeout` after the last byte it took. A wait
-/// interrupted by a signal resumes for the time left, never longer.
+/// reading loses it `idle_timeout` after the last byte it took. The bytes
+/// it takes from what the socket already holds count too, looked at every
+/// quarter of `idle_timeout` while a write waits for room (see
+/// [`crate::acked`]): the kernel reports room only once a third of its
+/// send buffer, megabytes, has gone. A wait interrupted by a signal resumes
+/// for the time left, never longer.
 struct BlockingIo<'a> {
     stream: &'a TcpStream,
     /// `None`: no timeout (`idle_timeout = 0`), plain blocking calls.
     idle: Option<Duration>,
     /// When the last byte moved, in either direction.
     last_moved: Instant,
+    /// The bytes the client took from the socket while a write waits.
+    acked: Acked,
 }
 
 /// How a bounded wait ended.
@@ -54,16 +61,23 @@ enum Waited {
 
 impl BlockingIo<'_> {
     /// Waits until the socket is ready for `flags` or the idle deadline
-    /// passes.
-    fn wait(&self, flags: PollFlags) -> io::Result<Waited> {
+    /// passes. Waiting for room (`POLLOUT`), it looks every quarter of
+    /// `idle_timeout` (10 ms at least) whether the client took bytes since
+    /// the last look, which moves the deadline.
+    fn wait(&mut self, flags: PollFlags) -> io::Result<Waited> {
         let Some(idle) = self.idle else {
             return Ok(Waited::Ready);
         };
-        let deadline = self.last_moved + idle;
+        let look = flags
+            .contains(PollFlags::POLLOUT)
+            .then(|| (idle / 4).max(Duration::from_millis(10)));
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let mut left = (self.last_moved + idle).saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(Waited::TimedOut);
+            }
+            if let Some(look) = look {
+                left = left.min(look);
             }
             // Rounded up: a wait that ends early is only waited again.
             let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
@@ -72,7 +86,12 @@ impl BlockingIo<'_> {
                 &mut fds,
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
             ) {
-                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(0) => {
+                    if look.is_some() && self.acked.took_more(self.stream) {
+                        self.last_moved = Instant::now();
+                    }
+                }
+                Err(Errno::EINTR) => continue,
                 Ok(_) => return Ok(Waited::Ready),
                 Err(e) => return Err(e.into()),
             }
@@ -84,6 +103,7 @@ impl crate::echo::Io for BlockingIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = io::Read::read(&mut self.stream, buf)?;
         self.last_moved = Instant::now();
+        self.acked.forget();
         Ok(n)
     }
 
@@ -101,6 +121,7 @@ impl crate::echo::Io for BlockingIo<'_> {
             ) {
                 Ok(n) => {
                     self.last_moved = Instant::now();
+                    self.acked.forget();
                     return Ok(n);
                 }
                 Err(Errno::EAGAIN) => match self.wait(PollFlags::POLLOUT)? {
@@ -132,6 +153,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, config: &Config) -> i32 {
         stream: &stream,
         idle,
         last_moved: Instant::now(),
+        acked: Acked::new(),
     };
     loop {
         match io.wait(PollFlags::POLLIN) {

@@ -30,6 +30,7 @@
 //! | [`splice`] | the epoll worker's pipe for echoing large messages with `splice(2)` | worker |
 //! | [`conn`] | fork mode: serve one connection | connection child |
 //! | [`echo`] | the echo state machine over a buffer (pure) | worker, child |
+//! | [`acked`] | whether a client took bytes of its echo since the last look (`TCP_INFO`) | worker, child |
 //! | [`logging`] | our `log::Log`: stderr, `<N>` prefixes, syslog, file | all |
 //! | [`notify`] | sd_notify: ready, reloading, stopping, status | master |
 //! | [`daemon`] | `--daemon`: double fork, readiness pipe | launcher |
@@ -61,6 +62,7 @@
 //! `fork()` copies only the calling thread, and a lock held by another
 //! thread at that moment would stay locked forever in the child.
 
+pub mod acked;
 pub mod cli;
 pub mod config;
 pub mod conn;

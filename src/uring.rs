@@ -87,6 +87,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use crate::acked::Acked;
 use crate::config::{Config, Overload};
 use crate::echo::Close;
 use crate::listener::{accept_error_consumes_a_connection, Listener};
@@ -343,6 +344,9 @@ struct Conn {
     stream: TcpStream,
     ip: IpKey,
     last_active: u64,
+    /// The bytes the client took from the socket while a send waits for
+    /// room, seen at the idle scans (see [`crate::acked`]).
+    acked: Acked,
     recv: Recv,
     front: Option<Chunk>,
     /// Bytes of `front` already sent.
@@ -868,6 +872,7 @@ impl Worker<'_> {
             stream,
             ip,
             last_active: self.now,
+            acked: Acked::new(),
             recv: Recv::Off,
             front: None,
             sent: 0,
@@ -978,6 +983,7 @@ impl Worker<'_> {
         match (res, picked) {
             (1.., Some(bid)) if !c.closed => {
                 c.last_active = self.now;
+                c.acked.forget();
                 c.held += res as usize;
                 c.drained = (res as usize) < self.bufs.buf_len && !cqueue::sock_nonempty(flags);
                 let chunk = Chunk::Ring {
@@ -1072,6 +1078,7 @@ impl Worker<'_> {
         }
         if done > 0 {
             c.last_active = now;
+            c.acked.forget();
         }
         c.sent += done;
         c.held -= done;
@@ -1287,9 +1294,16 @@ impl Worker<'_> {
             return;
         }
         for idx in 0..self.conns.len() {
-            let Some(c) = self.conns[idx].as_ref() else {
+            let Some(c) = self.conns[idx].as_mut() else {
                 continue;
             };
+            // A send in flight: its client may be taking what the socket
+            // holds, slowly, with the send not completing for longer than
+            // idle_timeout. The bytes it took since the last scan are
+            // activity (see crate::acked).
+            if !c.closed && c.front.is_some() && c.acked.took_more(&c.stream) {
+                c.last_active = self.now;
+            }
             if !c.closed && self.now.saturating_sub(c.last_active) >= limit {
                 if log::log_enabled!(log::Level::Debug) {
                     log::debug!(

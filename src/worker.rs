@@ -114,6 +114,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
+use crate::acked::Acked;
 use crate::config::{Config, Overload};
 use crate::echo::{Close, Echo, Next};
 use crate::listener::{accept_error_consumes_a_connection, Listener};
@@ -158,6 +159,9 @@ struct Conn {
     waiting: Next,
     /// `now_ms()` of the last byte moved in either direction.
     last_active: u64,
+    /// The bytes the client took from the socket while its echo waits for
+    /// room, seen at the idle scans (see [`crate::acked`]).
+    acked: Acked,
     /// Where this connection is counted for `max_connections_per_ip`.
     ip: IpKey,
 }
@@ -877,6 +881,7 @@ impl<'a> Worker<'a> {
             echo: Echo::new(),
             waiting: Next::Read,
             last_active: self.now,
+            acked: Acked::new(),
             ip,
         });
         self.open += 1;
@@ -910,6 +915,7 @@ impl<'a> Worker<'a> {
             p.discard();
         }
         conn.last_active = self.now;
+        conn.acked.forget();
         if next == conn.waiting {
             return;
         }
@@ -979,6 +985,13 @@ impl<'a> Worker<'a> {
             let Some(conn) = self.conns[idx].as_mut() else {
                 continue;
             };
+            // An echo that waits for room: the client may be taking what
+            // the socket holds, slowly, with no room reported for longer
+            // than idle_timeout. The bytes it took since the last scan are
+            // activity (see crate::acked).
+            if limit > 0 && conn.waiting == Next::Write && conn.acked.took_more(&conn.stream) {
+                conn.last_active = self.now;
+            }
             let quiet = self.now.saturating_sub(conn.last_active);
             if limit > 0 && quiet >= limit {
                 log::debug!(

@@ -1,11 +1,12 @@
 //! Hostile clients and faults, against the real binary over loopback: a
-//! client that sends without reading, idle and chatty connections, the
-//! connection caps (`max_connections` with `overload = "wait"` and
-//! `"reject"`, `max_connections_per_ip` across workers), storms of reset
-//! connections and a worker killed under them (nothing may leak),
-//! descriptor exhaustion, connection children that outlive a stop or exit
-//! in hundreds, and configuration files that are wrong in every way we
-//! could think of (a table, and a property test over arbitrary bytes).
+//! client that sends without reading, one that reads its echo slowly, idle
+//! and chatty connections, the connection caps (`max_connections` with
+//! `overload = "wait"` and `"reject"`, `max_connections_per_ip` across
+//! workers), storms of reset connections and a worker killed under them
+//! (nothing may leak), descriptor exhaustion, connection children that
+//! outlive a stop or exit in hundreds, and configuration files that are
+//! wrong in every way we could think of (a table, and a property test over
+//! arbitrary bytes).
 //!
 //! The client-facing tests run on the io_uring worker too (`io_uring_*`:
 //! `mode = "prefork"` with `io = "io_uring"`), since it keeps the same
@@ -368,6 +369,93 @@ fn prefork_stuck_send_is_closed_at_idle_timeout() {
 #[test]
 fn io_uring_stuck_send_is_closed_at_idle_timeout() {
     stuck_send_is_closed_at_idle_timeout("io_uring");
+}
+
+/// The body of the slow-reader tests: a client sends until its writes
+/// block (the server's echo to it waits for room, its unread bytes wait in
+/// the server's receive queue), shuts its side (`shut`) or not, then reads
+/// its echo slowly, 16 KiB every 50 ms, for three times `idle_timeout`,
+/// and the rest at once. It takes bytes all along, so it keeps its
+/// connection: exactly the bytes it sent come back, then end of stream.
+fn slow_reader_keeps_its_connection(mode: &str) {
+    let e = start(mode, "workers = 1\nidle_timeout = \"1s\"");
+    let pattern = payload(13, PERIOD);
+    for shut in [true, false] {
+        let what = format!("{mode}, {}", if shut { "half-closed" } else { "open" });
+        let mut s = connect(e.addr());
+        let (sent, blocked) = send_until_blocked(&mut s, &pattern, Duration::from_millis(100));
+        assert!(
+            blocked,
+            "{what}: the client's writes never blocked ({sent} bytes sent)"
+        );
+        s.set_nonblocking(false).unwrap();
+        if shut {
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let slow = Instant::now();
+        let mut got: u64 = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let reading_slowly = slow.elapsed() < Duration::from_secs(3);
+            if !reading_slowly && !shut && got == sent {
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+            }
+            let len = if reading_slowly { 16 << 10 } else { buf.len() };
+            match s.read(&mut buf[..len]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    assert!(
+                        got + n as u64 <= sent,
+                        "{what}: got more than the {sent} bytes it sent"
+                    );
+                    if let Some(at) = first_difference(&pattern, got, &buf[..n]) {
+                        panic!("{what}: the echo differs at byte {at} of {sent}");
+                    }
+                    got += n as u64;
+                    if reading_slowly {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => panic!(
+                    "{what}: read failed after {got} of {sent} bytes, {:?} into reading: {err}\n{}",
+                    slow.elapsed(),
+                    e.log()
+                ),
+            }
+        }
+        assert_eq!(got, sent, "{what}: got {got} of its {sent} bytes");
+    }
+    e.assert_no_errors();
+}
+
+/// `prefork_slow_reader_keeps_its_connection`: with `idle_timeout = "1s"`,
+/// a client whose echo is held up by its full window and that then reads
+/// it at about 320 KiB/s for 3 s, with its side shut or open, gets every
+/// byte it sent, then end of stream. The server's send buffer holds
+/// megabytes and reports room only once a third of it has gone, which
+/// takes such a client longer than `idle_timeout`: the worker must count
+/// the bytes the client takes from it (its acknowledgements) as activity,
+/// not only its own writes, or it cuts a client that reads (a reset, with
+/// the rest of the echo lost).
+#[test]
+fn prefork_slow_reader_keeps_its_connection() {
+    slow_reader_keeps_its_connection("prefork");
+}
+
+/// `io_uring_slow_reader_keeps_its_connection`: the same with the io_uring
+/// worker, whose send stays in flight while the client reads slowly.
+#[test]
+fn io_uring_slow_reader_keeps_its_connection() {
+    slow_reader_keeps_its_connection("io_uring");
+}
+
+/// `fork_slow_reader_keeps_its_connection`: the same in fork mode, where
+/// the connection child waits for room to write.
+#[test]
+fn fork_slow_reader_keeps_its_connection() {
+    slow_reader_keeps_its_connection("fork");
 }
 
 // ---------------------------------------------------------------------------
