@@ -972,6 +972,53 @@ fn send_urgent(s: &TcpStream, byte: u8) {
     assert_eq!(n, 1, "send(MSG_OOB): {}", std::io::Error::last_os_error());
 }
 
+/// One connection of the urgent-data tests: large messages (which a
+/// worker with a pipe echoes through it next), then 8192 bytes, one byte
+/// of urgent data and 100 bytes more, which must come back without the
+/// urgent byte; with `shut`, the client then shuts its side and must get
+/// end of stream right after them.
+fn urgent_round(e: &Echod, shut: bool, what: &str) {
+    let mut s = connect(e.addr());
+    for _ in 0..3 {
+        echo_on(&mut s, &[b'a'; 8192], what);
+    }
+    s.write_all(&[b'x'; 8192]).unwrap();
+    send_urgent(&s, b'!');
+    s.write_all(&[b'y'; 100]).unwrap();
+    let mut want = vec![b'x'; 8192];
+    want.extend([b'y'; 100]);
+    let mut got = vec![];
+    let ended = if shut {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s.read_to_end(&mut got).map(|_| ())
+    } else {
+        let mut buf = [0u8; 16_384];
+        let mut ended = Ok(());
+        while got.len() < want.len() {
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    ended = Err(std::io::ErrorKind::UnexpectedEof.into());
+                    break;
+                }
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    ended = Err(e);
+                    break;
+                }
+            }
+        }
+        ended
+    };
+    assert!(
+        ended.is_ok() && got == want,
+        "{what}: {ended:?} after {} bytes back of {}\n{}",
+        got.len(),
+        want.len(),
+        e.log()
+    );
+}
+
 /// `prefork_urgent_data_neither_stalls_nor_cuts_a_spliced_stream`: a
 /// client that sends large messages (so that the worker echoes its next
 /// one through its pipe), then 8192 bytes, one byte of urgent data
@@ -988,47 +1035,65 @@ fn prefork_urgent_data_neither_stalls_nor_cuts_a_spliced_stream() {
     for splice in [true, false] {
         let e = start("prefork", &format!("workers = 1\nsplice = {splice}"));
         for shut in [false, true] {
-            let what = format!("splice = {splice}, shut = {shut}");
-            let mut s = connect(e.addr());
-            for _ in 0..3 {
-                echo_on(&mut s, &[b'a'; 8192], &what);
-            }
-            s.write_all(&[b'x'; 8192]).unwrap();
-            send_urgent(&s, b'!');
-            s.write_all(&[b'y'; 100]).unwrap();
-            let mut want = vec![b'x'; 8192];
-            want.extend([b'y'; 100]);
-            let mut got = vec![];
-            let ended = if shut {
-                s.shutdown(std::net::Shutdown::Write).unwrap();
-                s.read_to_end(&mut got).map(|_| ())
-            } else {
-                let mut buf = [0u8; 16_384];
-                let mut ended = Ok(());
-                while got.len() < want.len() {
-                    match s.read(&mut buf) {
-                        Ok(0) => {
-                            ended = Err(std::io::ErrorKind::UnexpectedEof.into());
-                            break;
-                        }
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            ended = Err(e);
-                            break;
-                        }
-                    }
-                }
-                ended
-            };
-            assert!(
-                ended.is_ok() && got == want,
-                "{what}: {ended:?} after {} bytes back of {}\n{}",
-                got.len(),
-                want.len(),
-                e.log()
-            );
+            urgent_round(&e, shut, &format!("splice = {splice}, shut = {shut}"));
         }
+        e.assert_no_errors();
+    }
+}
+
+/// `io_uring_and_fork_urgent_data_is_skipped_and_the_stream_goes_on`: the
+/// io_uring worker and a fork-mode child, which receive with `recv` and
+/// `read` (never `splice`), skip a byte of urgent data as `read` does in
+/// the epoll worker: the bytes around it come back, then end of stream
+/// (see `urgent_round`). An urgent byte alone, then silence, is not data
+/// to wait for: the bytes before it come back, the serving process does
+/// not spin on it (under 100 CPU ticks over the 1 s `idle_timeout`; none
+/// in fact), and the connection is closed at `idle_timeout`. An urgent
+/// byte alone, then a shutdown, is end of stream at once.
+#[test]
+fn io_uring_and_fork_urgent_data_is_skipped_and_the_stream_goes_on() {
+    for mode in ["io_uring", "fork"] {
+        let e = start(mode, "workers = 1\nidle_timeout = \"1s\"");
+        for shut in [false, true] {
+            urgent_round(&e, shut, &format!("{mode}, shut = {shut}"));
+        }
+
+        let mut s = connect(e.addr());
+        echo_on(&mut s, b"abc", &format!("{mode}, before the urgent byte"));
+        send_urgent(&s, b'!');
+        let server = if mode == "fork" {
+            let mut child = Vec::new();
+            wait_until(LIMIT, || {
+                child = live_children_named(e.pid, "echod-conn");
+                child.len() == 1
+            });
+            child.first().copied()
+        } else {
+            e.workers().first().copied()
+        };
+        let server = server.unwrap_or_else(|| panic!("{mode}: no serving process"));
+        let ticks0 = cpu_ticks(server).unwrap_or(0);
+        let closed = wait_closed(&mut s, Duration::from_secs(5));
+        // A child that exited has no ticks left to read: it did not spin.
+        let spun = cpu_ticks(server).map_or(0, |t| t.saturating_sub(ticks0));
+        assert!(
+            closed.is_some(),
+            "{mode}: a connection with only an urgent byte unread was not closed at idle_timeout\n{}",
+            e.log()
+        );
+        assert!(
+            spun < 100,
+            "{mode}: the serving process spun ({spun} ticks) on an unread urgent byte"
+        );
+
+        let mut s = connect(e.addr());
+        send_urgent(&s, b'!');
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(
+            read_end(&mut s, LIMIT),
+            ReadEnd::Eof,
+            "{mode}: an urgent byte alone, then a shutdown"
+        );
         e.assert_no_errors();
     }
 }
