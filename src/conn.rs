@@ -144,7 +144,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, config: &Config) -> i32 {
         log::warn!("connection from {peer}: {e}");
         return exit_code::FAILURE;
     }
-    let _ = stream.set_nodelay(true);
+    crate::listener::tune_accepted(&stream);
     let idle = Some(config.idle_timeout).filter(|d| !d.is_zero());
     log::debug!("connection from {peer}");
     let mut buf = vec![0u8; config.buffer_size];

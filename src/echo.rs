@@ -503,8 +503,10 @@ mod tests {
         assert_eq!(fake.output, input);
     }
 
-    /// A socket whose byte at `mark` is TCP urgent data (`MSG_OOB`, not
-    /// inline), as Linux treats it: `read` skips that byte and goes on,
+    /// A socket whose byte at `mark` is TCP urgent data (`MSG_OOB`) without
+    /// `SO_OOBINLINE` (echod sets it, and then `read` returns that byte in
+    /// line; `splice` stops before it either way), as Linux treats it:
+    /// `read` skips that byte and goes on,
     /// `splice` stops before it and, with it next, moves nothing, answering
     /// `EAGAIN` while the connection is open (`shut` false) and 0 once the
     /// client has shut its side, though bytes follow.

@@ -222,6 +222,23 @@ pub fn bind_all(addrs: &[SocketAddr], backlog: i32) -> Result<Vec<Listener>, Lis
     addrs.iter().map(|&a| Listener::bind(a, backlog)).collect()
 }
 
+/// Sets the options every accepted connection gets, in every serving path
+/// (both worker loops, fork mode's child):
+/// - `TCP_NODELAY`: echo is latency-bound; Nagle must never hold back a
+///   short echo.
+/// - `SO_OOBINLINE`: TCP urgent data (`MSG_OOB`) stays in the stream, so
+///   it is echoed like every other byte (RFC 862: whatever is received is
+///   sent back). Without it Linux takes the urgent byte out of the stream
+///   and `read` skips it; RFC 6093 advises applications that must receive
+///   urgent data to set this option. (`splice` stops before an urgent byte
+///   either way; see [`crate::echo`].)
+///
+/// Failures are ignored: the connection is served without the option.
+pub fn tune_accepted(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(stream).set_out_of_band_inline(true);
+}
+
 /// Whether an `accept` error used up one queued connection, so that the
 /// next `accept` may succeed: `ECONNABORTED` (the client reset it while it
 /// was queued), `EPERM` (a firewall rule refused it), and the network

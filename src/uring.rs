@@ -860,7 +860,7 @@ impl Worker<'_> {
     }
 
     fn add_conn(&mut self, stream: TcpStream, ip: IpKey) {
-        let _ = stream.set_nodelay(true);
+        crate::listener::tune_accepted(&stream);
         if log::log_enabled!(log::Level::Debug) {
             log::debug!("connection from {}", peer_of(&stream));
         }

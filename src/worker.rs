@@ -862,8 +862,7 @@ impl<'a> Worker<'a> {
     }
 
     fn add_conn(&mut self, stream: TcpStream, peer: SocketAddr, ip: IpKey) {
-        // Echo is latency-bound: never let Nagle hold back a short echo.
-        let _ = stream.set_nodelay(true);
+        crate::listener::tune_accepted(&stream);
         let idx = self.free.pop().unwrap_or_else(|| {
             self.conns.push(None);
             self.conns.len() - 1

@@ -974,9 +974,10 @@ fn send_urgent(s: &TcpStream, byte: u8) {
 
 /// One connection of the urgent-data tests: large messages (which a
 /// worker with a pipe echoes through it next), then 8192 bytes, one byte
-/// of urgent data and 100 bytes more, which must come back without the
-/// urgent byte; with `shut`, the client then shuts its side and must get
-/// end of stream right after them.
+/// of urgent data and 100 bytes more, which must all come back in order,
+/// the urgent byte in line (echod sets `SO_OOBINLINE`); with `shut`, the
+/// client then shuts its side and must get end of stream right after
+/// them.
 fn urgent_round(e: &Echod, shut: bool, what: &str) {
     let mut s = connect(e.addr());
     for _ in 0..3 {
@@ -986,6 +987,7 @@ fn urgent_round(e: &Echod, shut: bool, what: &str) {
     send_urgent(&s, b'!');
     s.write_all(&[b'y'; 100]).unwrap();
     let mut want = vec![b'x'; 8192];
+    want.push(b'!');
     want.extend([b'y'; 100]);
     let mut got = vec![];
     let ended = if shut {
@@ -1022,14 +1024,14 @@ fn urgent_round(e: &Echod, shut: bool, what: &str) {
 /// `prefork_urgent_data_neither_stalls_nor_cuts_a_spliced_stream`: a
 /// client that sends large messages (so that the worker echoes its next
 /// one through its pipe), then 8192 bytes, one byte of urgent data
-/// (`MSG_OOB`) and 100 bytes more gets all but the urgent byte back (which
-/// TCP takes out of the stream, and `read` skips), then end of stream once
-/// it shuts its side; with `splice = true` as with `false`. Linux's
-/// `splice` moves no urgent data: with that byte next it answers `EAGAIN`
-/// while the socket stays readable, and 0 once the client has shut its
-/// side, though bytes follow; neither may stall the connection (a worker
-/// spinning on a level-triggered event) or end it early (a reset, with
-/// the rest unread).
+/// (`MSG_OOB`) and 100 bytes more gets every byte back, the urgent one in
+/// line (`SO_OOBINLINE`), then end of stream once it shuts its side; with
+/// `splice = true` as with `false`. Linux's `splice` stops before urgent
+/// data: with that byte next it answers `EAGAIN` while the socket stays
+/// readable, and 0 once the client has shut its side, though bytes
+/// follow; neither may stall the connection (a worker spinning on a
+/// level-triggered event) or end it early (a reset, with the rest
+/// unread).
 #[test]
 fn prefork_urgent_data_neither_stalls_nor_cuts_a_spliced_stream() {
     for splice in [true, false] {
@@ -1041,17 +1043,17 @@ fn prefork_urgent_data_neither_stalls_nor_cuts_a_spliced_stream() {
     }
 }
 
-/// `io_uring_and_fork_urgent_data_is_skipped_and_the_stream_goes_on`: the
-/// io_uring worker and a fork-mode child, which receive with `recv` and
-/// `read` (never `splice`), skip a byte of urgent data as `read` does in
-/// the epoll worker: the bytes around it come back, then end of stream
-/// (see `urgent_round`). An urgent byte alone, then silence, is not data
-/// to wait for: the bytes before it come back, the serving process does
-/// not spin on it (under 100 CPU ticks over the 1 s `idle_timeout`; none
-/// in fact), and the connection is closed at `idle_timeout`. An urgent
-/// byte alone, then a shutdown, is end of stream at once.
+/// `io_uring_and_fork_urgent_data_is_echoed_in_line`: the io_uring worker
+/// and a fork-mode child, which receive with `recv` and `read` (never
+/// `splice`), echo a byte of urgent data in line as the epoll worker does:
+/// every byte comes back in order, then end of stream (see
+/// `urgent_round`). An urgent byte alone, then silence: it comes back,
+/// the serving process does not spin (under 100 CPU ticks over the 1 s
+/// `idle_timeout`; none in fact), and the connection is closed at
+/// `idle_timeout`. An urgent byte alone, then a shutdown: the byte, then
+/// end of stream.
 #[test]
-fn io_uring_and_fork_urgent_data_is_skipped_and_the_stream_goes_on() {
+fn io_uring_and_fork_urgent_data_is_echoed_in_line() {
     for mode in ["io_uring", "fork"] {
         let e = start(mode, "workers = 1\nidle_timeout = \"1s\"");
         for shut in [false, true] {
@@ -1089,10 +1091,12 @@ fn io_uring_and_fork_urgent_data_is_skipped_and_the_stream_goes_on() {
         let mut s = connect(e.addr());
         send_urgent(&s, b'!');
         s.shutdown(std::net::Shutdown::Write).unwrap();
-        assert_eq!(
-            read_end(&mut s, LIMIT),
-            ReadEnd::Eof,
-            "{mode}: an urgent byte alone, then a shutdown"
+        let mut back = vec![];
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let ended = s.read_to_end(&mut back);
+        assert!(
+            ended.is_ok() && back == b"!",
+            "{mode}: an urgent byte alone, then a shutdown: {ended:?}, {back:?} back"
         );
         e.assert_no_errors();
     }
