@@ -259,7 +259,7 @@ impl Master {
                 .as_mut()
                 .map(SignalPipe::pending)
                 .unwrap_or_default();
-            for sig in pending {
+            for sig in signals::in_handling_order(pending) {
                 self.handle_signal(sig);
             }
             if accept {

@@ -130,6 +130,28 @@ pub fn spec(signal: i32) -> Option<&'static SignalSpec> {
     MASTER_SIGNALS.iter().find(|s| s.signal == signal)
 }
 
+/// Puts one batch of pending signals in the order the master handles
+/// them: the stops first (`SIGTERM` before `SIGINT`/`SIGQUIT`), then the
+/// rest as they came.
+///
+/// A batch carries no arrival order. [`SignalPipe::pending`] lists its
+/// signals by number, and the kernel itself delivers signals pending
+/// together lowest number first, which happens whenever they arrive while
+/// the master is stopped, busy, or forking (every signal is blocked across
+/// a fork). `SIGHUP` (1) would thus always come before `SIGTERM` (15), and
+/// a `SIGTERM` sent first would find a new generation just forked by the
+/// `SIGHUP` sent after it. A stop overrules what else the batch asks: a
+/// reload or a pool change handled after it is refused, as the master is
+/// stopping, instead of forking workers only to drain or kill them.
+pub fn in_handling_order(mut batch: Vec<i32>) -> Vec<i32> {
+    batch.sort_by_key(|&sig| match spec(sig).map(|s| s.action) {
+        Some(Action::GracefulStop) => 0,
+        Some(Action::FastStop) => 1,
+        _ => 2,
+    });
+    batch
+}
+
 /// The name of a signal number, such as `SIGKILL`, for log lines.
 pub fn name(signal: i32) -> String {
     nix::sys::signal::Signal::try_from(signal)
@@ -258,6 +280,18 @@ mod tests {
         assert!(readable(&bell));
         bell.clear();
         assert!(!readable(&bell), "one clear silences every ring");
+    }
+
+    #[test]
+    fn stops_are_handled_before_the_rest_of_a_batch() {
+        assert_eq!(
+            in_handling_order(vec![SIGHUP, SIGINT, SIGTERM, SIGCHLD, SIGTTIN]),
+            vec![SIGTERM, SIGINT, SIGHUP, SIGCHLD, SIGTTIN]
+        );
+        assert_eq!(
+            in_handling_order(vec![SIGHUP, SIGCHLD, SIGTTOU]),
+            vec![SIGHUP, SIGCHLD, SIGTTOU]
+        );
     }
 
     #[test]

@@ -738,6 +738,42 @@ fn stopped_master_murders_no_healthy_worker() {
     finish(e, &[]);
 }
 
+/// `a_stop_with_a_reload_pending_forks_no_generation`: a stop (`SIGTERM`,
+/// then `SIGINT`) and a `SIGHUP` that reach the master together, as they
+/// do while it is stopped or forking (every signal is blocked across a
+/// fork), end in the stop alone: the reload is refused as the master is
+/// stopping, and no generation 2 is forked only to be drained or killed.
+/// The master is held with `SIGSTOP` so that both are pending at once; the
+/// kernel then delivers the lower number, `SIGHUP`, first, whatever the
+/// order they were sent in (`SIGTERM` first here).
+///
+/// Before the master handled the stops of a batch first, it reloaded and
+/// forked a new generation after the `SIGTERM`.
+#[test]
+fn a_stop_with_a_reload_pending_forks_no_generation() {
+    for stop in [libc::SIGTERM, libc::SIGINT] {
+        let e = start("workers = 2", 2);
+        kill(e.pid, libc::SIGSTOP);
+        assert!(wait_until(STEP, || load::state(e.pid) == Some('T')));
+        kill(e.pid, stop);
+        kill(e.pid, libc::SIGHUP);
+        kill(e.pid, libc::SIGCONT);
+        let last = format!("master (pid {}) exiting", e.pid);
+        assert!(e.wait_log(&last, STEP), "no `{last}`\n{}", e.log());
+        assert!(
+            e.log().contains("SIGHUP while stopping: ignored"),
+            "{}",
+            e.log()
+        );
+        assert!(
+            !e.log().contains("generation 2 starts"),
+            "a stop with a SIGHUP forked generation 2\n{}",
+            e.log()
+        );
+        finish(e, &[]);
+    }
+}
+
 /// `stopped_worker_is_murdered_and_replaced`: a worker that stops beating
 /// (`SIGSTOP`) is killed after `worker_timeout` (2 s), not before, and a
 /// new worker takes its place; the other worker is left alone.
