@@ -10,7 +10,9 @@
 //! ```
 //! The names are the processes' `comm` (`ps -o comm`, `/proc/PID/comm`);
 //! log lines name each process by role, number, generation and pid
-//! (`worker 0 gen 3`).
+//! (`worker 0 gen 3`). A reload that changes `user` or `group` also forks
+//! a child (still named `echod-master`) that only tries the switch and
+//! exits at once; the master waits for it before it commits the reload.
 //!
 //! ## Modules
 //! | module | role | runs in |

@@ -418,8 +418,19 @@ impl Master {
     /// commit point, so an error leaves the running generation untouched.
     fn reload(&mut self) -> Result<(), String> {
         let detached = self.daemonized;
+        let current = &self.credentials;
         let (mut new, _, credentials) = Config::load_with(self.config_path.as_deref(), |c| {
-            crate::process::check_system(c, detached)
+            let credentials = crate::process::check_system(c, detached)?;
+            // New credentials are tried before anything is committed: a
+            // generation that cannot switch to them would stop echod (see
+            // `Credentials::try_switch`). Unchanged ones work: the running
+            // generation switched to them.
+            if credentials != *current {
+                if let Some(c) = &credentials {
+                    c.try_switch()?;
+                }
+            }
+            Ok(credentials)
         })
         .map_err(|e| e.to_string())?;
         if self.activated {

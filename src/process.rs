@@ -215,6 +215,73 @@ impl Credentials {
         Ok(Some(creds))
     }
 
+    /// Tries the switch in a child that does nothing else, for a reload
+    /// that changes `user` or `group`: being root (what [`Credentials::resolve`]
+    /// checks) is not always enough, as a root echod may lack `CAP_SETUID`
+    /// or `CAP_SETGID`, or run in a user namespace that does not map the
+    /// user. A new generation whose workers cannot switch would exit with
+    /// [`exit_code::FATAL`] and stop echod; found here, the reload fails
+    /// instead and the running generation keeps serving. The error names
+    /// the key to blame.
+    ///
+    /// The master waits for the child, which only makes three system calls,
+    /// for at most a second; one that takes longer (stopped from outside)
+    /// is killed and the switch counted as failed.
+    pub fn try_switch(&self) -> Result<(), KeyProblem> {
+        let key = if self.uid.is_some() { "user" } else { "group" };
+        let failed = |why: String| KeyProblem {
+            key,
+            message: format!(
+                "cannot switch to user {} / gid {}: {why}",
+                self.user.as_deref().unwrap_or("(unchanged)"),
+                self.gid
+            ),
+        };
+        let pid = match fork().map_err(|e| failed(format!("fork to try it: {e}")))? {
+            Fork::Child => {
+                // FORK (credential probe):
+                // - child closes: nothing by hand; it ends at once with
+                //   _exit, and the kernel closes every descriptor it
+                //   inherited. It runs no destructor and flushes nothing of
+                //   the master's, and with every signal still blocked (see
+                //   `fork`) it runs none of the master's handlers.
+                // - parent closes: nothing.
+                // - copy-on-write shares: `self`, read here.
+                // - child resets: its credentials, which is the test.
+                let code = match self.apply() {
+                    Ok(()) => 0,
+                    Err(e) => e as i32,
+                };
+                // SAFETY: _exit(2) ends the process at once; nothing of the
+                // master's (buffers, locks, the pid file) is touched.
+                unsafe { libc::_exit(code) }
+            }
+            Fork::Parent(pid) => pid,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, 0)) => return Ok(()),
+                Ok(WaitStatus::Exited(_, errno)) => {
+                    return Err(failed(Errno::from_raw(errno).to_string()))
+                }
+                Ok(WaitStatus::Signaled(_, sig, _)) => {
+                    return Err(failed(format!("the trial child was killed by {sig}")))
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(failed(format!("waitpid: {e}"))),
+                Ok(_) if std::time::Instant::now() >= deadline => {
+                    crate::signals::send(pid, Signal::SIGKILL);
+                    // A killed child is reaped at once (SIGKILL ends even a
+                    // stopped process).
+                    let _ = waitpid(pid, None);
+                    return Err(failed("the trial child did not finish".to_owned()));
+                }
+                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        }
+    }
+
     /// Switches this process to the credentials: supplementary groups
     /// cleared, then the gid, then the uid (last: after it, the others can
     /// no longer be changed). Clears `PR_SET_PDEATHSIG` as a side effect of

@@ -320,6 +320,46 @@ fn broken_reload_changes_nothing() {
     finish(e, &["reload failed, still serving generation 1"]);
 }
 
+/// `reload_to_a_user_echod_cannot_switch_to_keeps_serving`: a root echod
+/// without `CAP_SETUID`/`CAP_SETGID` (its config checks pass: it is root)
+/// reloaded with `user = "nobody"` refuses the reload, naming the file,
+/// line, column and key, and keeps its workers and its service; it exits 0
+/// when stopped.
+///
+/// Before the reload tried the switch first, the new generation's workers
+/// exited with the fatal code, and the master stopped echod with exit 1,
+/// the old generation (which served) with it.
+#[test]
+fn reload_to_a_user_echod_cannot_switch_to_keeps_serving() {
+    if common::skip_unless_root("reload_to_a_user_echod_cannot_switch_to_keeps_serving") {
+        return;
+    }
+    let e = Start::config(&config("workers = 2"))
+        .without_setuid_caps()
+        .spawn();
+    let before = wait_pool(&e, 1, 2, STEP);
+    // Line 2 of the file (`config()` puts `listen` on line 1).
+    write_config(&e, &config("user = \"nobody\""));
+    e.signal(libc::SIGHUP);
+    assert!(e.wait_log("reload failed", STEP), "{}", e.log());
+    let want = format!(
+        "{}:2:8: user: cannot switch to user nobody",
+        e.config_path.display()
+    );
+    let errors = e.error_lines();
+    assert!(
+        errors.len() == 1
+            && errors[0].contains("reload failed, still serving generation 1")
+            && errors[0].contains(&want),
+        "want one ERROR line naming `{want}`, got {errors:#?}\n{}",
+        e.log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(load::live_workers(&e), before, "{}", e.log());
+    echo_once(e.addr(), &payload(1, 1000));
+    finish(e, &["reload failed"]);
+}
+
 /// `reload_moving_listen_frees_the_old_port`: a reload that replaces the
 /// listening address serves on the new one at once, lets a connection
 /// accepted on the old one finish, and once the old generation has drained

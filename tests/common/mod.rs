@@ -94,6 +94,10 @@ pub struct Start<'a> {
     pub nproc: Option<u64>,
     /// Start echod as this uid and gid (needs root).
     pub uid: Option<u32>,
+    /// Start echod without `CAP_SETUID` and `CAP_SETGID` (needs root): a
+    /// root echod whose config checks pass and whose children cannot
+    /// switch users.
+    pub without_setuid_caps: bool,
 }
 
 impl<'a> Start<'a> {
@@ -106,7 +110,12 @@ impl<'a> Start<'a> {
             nofile: None,
             nproc: None,
             uid: None,
+            without_setuid_caps: false,
         }
+    }
+    pub fn without_setuid_caps(mut self) -> Self {
+        self.without_setuid_caps = true;
+        self
     }
     pub fn nproc(mut self, n: u64) -> Self {
         self.nproc = Some(n);
@@ -175,6 +184,24 @@ impl Echod {
                             rlim_max: n,
                         };
                         if libc::setrlimit(resource, &lim) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if s.without_setuid_caps {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs between fork and exec and only makes
+            // prctl(2) calls, which are async-signal-safe, on the child's
+            // own capability bounding set: the exec'd echod (uid 0) is left
+            // without the capabilities dropped.
+            unsafe {
+                cmd.pre_exec(|| {
+                    // CAP_SETGID = 6, CAP_SETUID = 7 (linux/capability.h).
+                    for cap in [6, 7] {
+                        if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
                             return Err(std::io::Error::last_os_error());
                         }
                     }
