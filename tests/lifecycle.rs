@@ -1,5 +1,7 @@
 //! The lifecycle of echod, driven from outside as an operator would: reloads
-//! (under load, broken, moving the port, in a storm), graceful and forced
+//! (under load, switching mode and io, broken, to a user echod cannot
+//! switch to, moving the port, in a storm, amid killed workers, beside a
+//! stop), graceful and forced
 //! stops, `SIGTTIN`/`SIGTTOU`, the crash-loop guard, recycling after
 //! `max_requests_per_worker`, and heartbeat supervision (a stopped master
 //! must not murder healthy workers; a stopped worker must be murdered).
@@ -226,6 +228,120 @@ fn reload_under_load_drops_no_connection() {
     // Exactly `n` live children, all of the last generation: no worker of
     // an older one is left.
     wait_pool(&e, last.0, last.1, Duration::from_secs(20));
+    echo_once(e.addr(), &payload(1, 1000));
+    finish(e, &[]);
+}
+
+/// `reload_switching_mode_and_io_under_load_drops_no_connection`: while
+/// clients keep opening connections and streaming verified bytes, reloads
+/// that switch `mode` (prefork to fork and back) and `io` (epoll to
+/// io_uring and back), then a burst of ten `SIGHUP`s sent with no wait,
+/// lose no connect, reset no connection and change no byte; afterwards
+/// the master's only children are the last generation's workers (no
+/// connection child, no worker of an older generation).
+#[test]
+fn reload_switching_mode_and_io_under_load_drops_no_connection() {
+    let base = "shutdown_timeout = \"30s\"\n";
+    let e = start(&format!("{base}workers = 2"), 2);
+    let load = Load::start(
+        e.addr(),
+        &[
+            Client::Short,
+            Client::Short,
+            Client::Stream { pause_ms: 2 },
+            Client::Stream { pause_ms: 5 },
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    for extra in [
+        "mode = \"fork\"",
+        "workers = 3\nio = \"io_uring\"",
+        "mode = \"fork\"\nio = \"io_uring\"",
+        "workers = 1\nio = \"epoll\"",
+        "workers = 2\nio = \"io_uring\"",
+    ] {
+        reload(&e, &config(&format!("{base}{extra}")));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    write_config(&e, &config(&format!("{base}workers = 2")));
+    for _ in 0..10 {
+        e.signal(libc::SIGHUP);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let stats = load.stop();
+    assert_eq!(
+        stats.failures(),
+        0,
+        "clients saw failures: {stats:#?}\n{}",
+        e.log()
+    );
+    assert!(
+        stats.completed >= 50,
+        "too little traffic to mean anything: {stats:#?}"
+    );
+    // The burst's SIGHUPs coalesce into one or more reloads: wait for the
+    // last generation the log names to be the only one.
+    let settled = wait_until(Duration::from_secs(20), || {
+        let gen = load::last_generation(&e.log());
+        let workers = load::live_workers(&e);
+        e.children().len() == 2
+            && workers.len() == 2
+            && workers.values().all(|&g| g == gen)
+            && workers.keys().all(|&p| has_epoll(p))
+    });
+    assert!(
+        settled,
+        "children {:?}, workers {:?} (pid → gen)\n{}",
+        e.children(),
+        load::live_workers(&e),
+        e.log()
+    );
+    echo_once(e.addr(), &payload(1, 1000));
+    finish(e, &[]);
+}
+
+/// `sigkill_storm_during_reloads_leaves_one_generation`: every worker,
+/// old and new, killed with `SIGKILL` right after each of six reloads (a
+/// storm of `SIGCHLD`s while generations start and drain) leaves the
+/// master alive, with no zombie, every child its own, and exactly the last
+/// generation's pool once the crash-loop guard lets it respawn.
+#[test]
+fn sigkill_storm_during_reloads_leaves_one_generation() {
+    let extra = |n: usize| format!("workers = {n}\nshutdown_timeout = \"30s\"");
+    let e = start(&extra(4), 4);
+    for i in 0..6 {
+        write_config(&e, &config(&extra(3 + i % 2)));
+        e.signal(libc::SIGHUP);
+        std::thread::sleep(Duration::from_millis(5));
+        for p in e.workers() {
+            kill(p, libc::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(load::echod_alive(e.pid), "the master died\n{}", e.log());
+    // The last config asked for 3 + 5 % 2 = 4 workers.
+    let gen = load::last_generation(&e.log());
+    assert_eq!(gen, 7, "{}", e.log());
+    wait_pool(&e, gen, 4, Duration::from_secs(30));
+    let clean = wait_until(STEP, || {
+        e.children().iter().all(|&p| load::state(p) != Some('Z'))
+    });
+    assert!(clean, "zombies among {:?}\n{}", e.children(), e.log());
+    // No process the master spawned lives on under another parent.
+    let ppid = |p: i32| {
+        std::fs::read_to_string(format!("/proc/{p}/status"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse::<i32>()
+            .ok()
+    };
+    for p in load::spawned(&e.log()).into_keys() {
+        if load::echod_alive(p) {
+            assert_eq!(ppid(p), Some(e.pid), "pid {p}\n{}", e.log());
+        }
+    }
     echo_once(e.addr(), &payload(1, 1000));
     finish(e, &[]);
 }
