@@ -1298,6 +1298,52 @@ fn prefork_worker_survives_descriptor_exhaustion() {
     );
 }
 
+/// The lowest descriptor number `pid` does not hold: with no gap below it,
+/// as in a freshly started echod process, how many it holds.
+fn lowest_free_fd(pid: i32) -> u64 {
+    (0..)
+        .find(|n| std::fs::symlink_metadata(format!("/proc/{pid}/fd/{n}")).is_err())
+        .unwrap()
+}
+
+/// `prefork_splice_pipe_never_takes_the_last_descriptors`: a worker whose
+/// `RLIMIT_NOFILE` leaves room for its splice pipe but then for no
+/// connection starts without the pipe (saying why) and serves, echoing
+/// with read and write.
+///
+/// Before, the pipe took the last two descriptors: the worker was ready
+/// but failed every accept with `EMFILE` and served no one.
+#[test]
+fn prefork_splice_pipe_never_takes_the_last_descriptors() {
+    let text = config("workers = 1\nidle_timeout = 0\nsplice = true");
+    // How many descriptors a worker holds, its pipe included.
+    let held = {
+        let probe = start("prefork", "workers = 1\nidle_timeout = 0\nsplice = true");
+        let worker = probe.workers()[0];
+        lowest_free_fd(worker)
+    };
+    let e = Start::config(&text).nofile(held).spawn();
+    assert!(e.wait_workers_up(1, LIMIT), "workers not up:\n{}", e.log());
+    let mut s = connect(e.addr());
+    echo_on(
+        &mut s,
+        b"served at the limit",
+        "a client of a worker at its limit",
+    );
+    let mut big = vec![0u8; 64 * 1024];
+    for (i, b) in big.iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    echo_on(&mut s, &big, "a large message without the pipe");
+    assert!(
+        e.log()
+            .contains("would leave no descriptor for a connection"),
+        "{}",
+        e.log()
+    );
+    assert!(!e.log().contains(" ERROR "), "{}", e.log());
+}
+
 // ---------------------------------------------------------------------------
 // 5. Children that misbehave.
 // ---------------------------------------------------------------------------
