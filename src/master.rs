@@ -122,6 +122,12 @@ pub struct Master {
     /// fork...). Only a future instant means anything: `wait` ignores a
     /// past one, and a stop or a reload clears it.
     accept_paused_until: Option<Instant>,
+    /// Fork mode: when an accept error that pauses accepting was last
+    /// logged, and how many such pauses went unlogged since: a listener
+    /// that keeps failing pauses every 100 ms, but is logged at most once
+    /// a second.
+    accept_pause_logged: Option<Instant>,
+    unlogged_accept_pauses: u32,
     /// Fork mode: the connection whose child could not be forked, tried
     /// again when the accept pause is over (see [`Held`]). Invariant:
     /// `Some` only while running in fork mode; nothing else is accepted
@@ -222,6 +228,8 @@ impl Master {
             pidfile,
             accept_paused_until: None,
             held: None,
+            accept_pause_logged: None,
+            unlogged_accept_pauses: 0,
             exit_code: exit_code::OK,
             notifier: Notifier::from_env(),
             readiness,
@@ -775,11 +783,28 @@ impl Master {
                     // accept would fail the same way, and the level-triggered
                     // poll would report the listener readable at once.
                     Err(e) => {
-                        log::warn!(
-                            "accept on {}: {e}; pausing accepts for {ACCEPT_PAUSE:?}",
-                            self.listeners[i].local
-                        );
-                        self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                        let now = Instant::now();
+                        if self
+                            .accept_pause_logged
+                            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+                        {
+                            let unlogged = std::mem::take(&mut self.unlogged_accept_pauses);
+                            let more = if unlogged > 0 {
+                                format!(
+                                    " ({unlogged} more pauses not logged since the last such line)"
+                                )
+                            } else {
+                                String::new()
+                            };
+                            log::warn!(
+                                "accept on {}: {e}; pausing accepts for {ACCEPT_PAUSE:?}{more}",
+                                self.listeners[i].local
+                            );
+                            self.accept_pause_logged = Some(now);
+                        } else {
+                            self.unlogged_accept_pauses += 1;
+                        }
+                        self.accept_paused_until = Some(now + ACCEPT_PAUSE);
                         return;
                     }
                 }

@@ -59,6 +59,16 @@ impl Pipe {
         })
     }
 
+    /// Whether the process can open one more descriptor beside the pipe:
+    /// false only if duplicating one fails with `EMFILE` (every number
+    /// below `RLIMIT_NOFILE` is taken). The duplicate is closed at once.
+    pub fn descriptor_left(&self) -> bool {
+        match self.read.try_clone() {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() != Some(libc::EMFILE),
+        }
+    }
+
     /// Whether sockets can be spliced through it.
     pub fn usable(&self) -> bool {
         !self.refused

@@ -737,6 +737,14 @@ impl<'a> Worker<'a> {
         };
         if config.splice {
             match Pipe::new(config.buffer_size) {
+                // The pipe only saves copies: it must not take the last
+                // descriptors `RLIMIT_NOFILE` leaves the worker, which
+                // would then fail every accept with `EMFILE` and serve no
+                // one, where without the pipe it serves.
+                Ok(p) if !p.descriptor_left() => log::warn!(
+                    "the splice pipe would leave no descriptor for a connection \
+                     (RLIMIT_NOFILE too low); echoing with read and write"
+                ),
                 Ok(p) => w.pipe = Some(p),
                 Err(e) => {
                     log::warn!("cannot make the splice pipe ({e}); echoing with read and write")

@@ -1298,6 +1298,124 @@ fn prefork_worker_survives_descriptor_exhaustion() {
     );
 }
 
+/// The lowest descriptor number `pid` does not hold: with no gap below it,
+/// as in a freshly started echod process, how many it holds.
+fn lowest_free_fd(pid: i32) -> u64 {
+    (0..)
+        .find(|n| std::fs::symlink_metadata(format!("/proc/{pid}/fd/{n}")).is_err())
+        .unwrap()
+}
+
+/// Sets the soft `RLIMIT_NOFILE` of the running process `pid` (the hard
+/// limit stays, so that the soft one can be raised again).
+fn set_nofile(pid: i32, soft: u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit(2) on a process this test started, reading into a
+    // local rlimit.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(r, 0, "prlimit {pid}: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as above, with a local rlimit to set.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit {pid}: {}", std::io::Error::last_os_error());
+}
+
+/// `prefork_splice_pipe_never_takes_the_last_descriptors`: a worker whose
+/// `RLIMIT_NOFILE` leaves room for its splice pipe but then for no
+/// connection starts without the pipe (saying why) and serves, echoing
+/// with read and write.
+///
+/// Before, the pipe took the last two descriptors: the worker was ready
+/// but failed every accept with `EMFILE` and served no one.
+#[test]
+fn prefork_splice_pipe_never_takes_the_last_descriptors() {
+    let text = config("workers = 1\nidle_timeout = 0\nsplice = true");
+    // How many descriptors a worker holds, its pipe included.
+    let held = {
+        let probe = start("prefork", "workers = 1\nidle_timeout = 0\nsplice = true");
+        let worker = probe.workers()[0];
+        lowest_free_fd(worker)
+    };
+    let e = Start::config(&text).nofile(held).spawn();
+    assert!(e.wait_workers_up(1, LIMIT), "workers not up:\n{}", e.log());
+    let mut s = connect(e.addr());
+    echo_on(
+        &mut s,
+        b"served at the limit",
+        "a client of a worker at its limit",
+    );
+    let mut big = vec![0u8; 64 * 1024];
+    for (i, b) in big.iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    echo_on(&mut s, &big, "a large message without the pipe");
+    assert!(
+        e.log()
+            .contains("would leave no descriptor for a connection"),
+        "{}",
+        e.log()
+    );
+    assert!(!e.log().contains(" ERROR "), "{}", e.log());
+}
+
+/// `fork_mode_accept_pause_is_logged_at_most_once_a_second`: a fork-mode
+/// master out of descriptors (its soft `RLIMIT_NOFILE` lowered to what it
+/// holds, while it runs) leaves the clients in the backlog, pauses
+/// accepting without spinning and logs the pause at most once a second;
+/// once the limit is raised again every waiting client is served.
+///
+/// Before, each 100 ms pause was logged: ten lines a second.
+#[test]
+fn fork_mode_accept_pause_is_logged_at_most_once_a_second() {
+    let e = start("fork", "idle_timeout = 0");
+    let addr = e.addr();
+    echo_once(addr, b"before");
+    set_nofile(e.pid, lowest_free_fd(e.pid));
+    let needle = "pausing accepts for";
+    let mut clients: Vec<TcpStream> = (0..3u8)
+        .map(|i| {
+            let mut s = connect(addr);
+            s.write_all(&[i]).unwrap();
+            s
+        })
+        .collect();
+    assert!(
+        wait_until(LIMIT, || e.log().contains(needle)),
+        "{}",
+        e.log()
+    );
+    let t0 = Instant::now();
+    let c0 = cpu_time(e.pid).expect("master alive");
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu = cpu_time(e.pid).expect("master alive") - c0;
+    let wall = t0.elapsed();
+    assert!(
+        cpu < wall * 3 / 10,
+        "the master used {cpu:?} of CPU in {wall:?}"
+    );
+    let pauses = e.log().matches(needle).count();
+    assert!(
+        pauses <= 5,
+        "the pause was logged {pauses} times in {wall:?}:\n{}",
+        e.log()
+    );
+    set_nofile(e.pid, 1024);
+    for (i, s) in clients.iter_mut().enumerate() {
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap_or_else(|err| {
+            panic!("waiting client {i} was never served: {err}\n{}", e.log())
+        });
+        assert_eq!(b[0], i as u8);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 5. Children that misbehave.
 // ---------------------------------------------------------------------------
