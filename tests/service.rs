@@ -542,28 +542,6 @@ fn daemon_launcher_gives_up_on_a_pool_that_never_comes_up() {
     assert!(log.contains("respawning in"), "no crash loop?\n{log}");
 }
 
-/// `cmd` as root without `CAP_SETUID` and `CAP_SETGID`: both are dropped
-/// from the bounding set before `exec`, so the exec'd echod (uid 0, file
-/// capabilities "all" for root) is left without them. Its config checks
-/// pass (it is root), and its workers then fail to switch users.
-fn without_setuid_caps(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes prctl(2) calls, which are async-signal-safe, on the child's own
-    // capability bounding set.
-    unsafe {
-        cmd.pre_exec(|| {
-            // CAP_SETGID = 6, CAP_SETUID = 7 (linux/capability.h).
-            for cap in [6, 7] {
-                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-}
-
 /// `a_worker_that_cannot_start_stops_echod`: a worker that cannot switch
 /// to `user` exits with the fatal code (2), and the master, instead of
 /// respawning it in a loop, logs why and stops with exit 1 (nginx does the

@@ -192,22 +192,7 @@ impl Echod {
             }
         }
         if s.without_setuid_caps {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: the closure runs between fork and exec and only makes
-            // prctl(2) calls, which are async-signal-safe, on the child's
-            // own capability bounding set: the exec'd echod (uid 0) is left
-            // without the capabilities dropped.
-            unsafe {
-                cmd.pre_exec(|| {
-                    // CAP_SETGID = 6, CAP_SETUID = 7 (linux/capability.h).
-                    for cap in [6, 7] {
-                        if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
+            without_setuid_caps(&mut cmd);
         }
         let mut child = cmd.spawn().expect("spawn echod");
         let pid = child.id() as i32;
@@ -826,6 +811,28 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// `cmd` as root without `CAP_SETUID` and `CAP_SETGID`: both are dropped
+/// from the bounding set before `exec`, so the exec'd echod (uid 0, file
+/// capabilities "all" for root) is left without them. Its config checks
+/// pass (it is root), and its workers then fail to switch users.
+pub fn without_setuid_caps(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes prctl(2) calls, which are async-signal-safe, on the child's own
+    // capability bounding set.
+    unsafe {
+        cmd.pre_exec(|| {
+            // CAP_SETGID = 6, CAP_SETUID = 7 (linux/capability.h).
+            for cap in [6, 7] {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 /// A minimal config: loopback, port 0, stderr logging at `level`, plus
