@@ -178,6 +178,22 @@ fn who_holds_port(e: &Echod, port: u16) -> Vec<(i32, Option<String>, String)> {
     out
 }
 
+/// Two clients that open short connections and two that stream with
+/// pauses, all verifying every byte, given 200 ms to get going.
+fn mixed_load(addr: std::net::SocketAddr) -> Load {
+    let load = Load::start(
+        addr,
+        &[
+            Client::Short,
+            Client::Short,
+            Client::Stream { pause_ms: 2 },
+            Client::Stream { pause_ms: 5 },
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    load
+}
+
 /// `reload_under_load_drops_no_connection`: while clients keep opening
 /// connections and streaming verified bytes, 30 reloads that each change
 /// `workers` (1, 2, 3, 4, ...) lose no connect, reset no connection and
@@ -187,16 +203,7 @@ fn who_holds_port(e: &Echod, port: u16) -> Vec<(i32, Option<String>, String)> {
 fn reload_under_load_drops_no_connection() {
     let extra = |n: usize| format!("workers = {n}\nshutdown_timeout = \"30s\"");
     let e = start(&extra(2), 2);
-    let load = Load::start(
-        e.addr(),
-        &[
-            Client::Short,
-            Client::Short,
-            Client::Stream { pause_ms: 2 },
-            Client::Stream { pause_ms: 5 },
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(200));
+    let load = mixed_load(e.addr());
     let mut last = (1, 2);
     for i in 0..30 {
         let n = [1, 3, 4, 2][i % 4];
@@ -243,16 +250,7 @@ fn reload_under_load_drops_no_connection() {
 fn reload_switching_mode_and_io_under_load_drops_no_connection() {
     let base = "shutdown_timeout = \"30s\"\n";
     let e = start(&format!("{base}workers = 2"), 2);
-    let load = Load::start(
-        e.addr(),
-        &[
-            Client::Short,
-            Client::Short,
-            Client::Stream { pause_ms: 2 },
-            Client::Stream { pause_ms: 5 },
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(200));
+    let load = mixed_load(e.addr());
     for extra in [
         "mode = \"fork\"",
         "workers = 3\nio = \"io_uring\"",
