@@ -178,6 +178,26 @@ fn who_holds_port(e: &Echod, port: u16) -> Vec<(i32, Option<String>, String)> {
     out
 }
 
+/// Stops `load` and asserts that its clients saw no failure and moved
+/// enough traffic to mean something.
+fn stop_clean(load: Load, e: &Echod) {
+    let stats = load.stop();
+    eprintln!(
+        "reload under load: {} connections, {} completed, {} bytes verified",
+        stats.connections, stats.completed, stats.bytes
+    );
+    assert_eq!(
+        stats.failures(),
+        0,
+        "clients saw failures: {stats:#?}\n{}",
+        e.log()
+    );
+    assert!(
+        stats.completed >= 50,
+        "too little traffic to mean anything: {stats:#?}"
+    );
+}
+
 /// Two clients that open short connections and two that stream with
 /// pauses, all verifying every byte, given 200 ms to get going.
 fn mixed_load(addr: std::net::SocketAddr) -> Load {
@@ -216,21 +236,7 @@ fn reload_under_load_drops_no_connection() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let stats = load.stop();
-    eprintln!(
-        "reload under load: {} connections, {} completed, {} bytes verified",
-        stats.connections, stats.completed, stats.bytes
-    );
-    assert_eq!(
-        stats.failures(),
-        0,
-        "clients saw failures: {stats:#?}\n{}",
-        e.log()
-    );
-    assert!(
-        stats.completed >= 50,
-        "too little traffic to mean anything: {stats:#?}"
-    );
+    stop_clean(load, &e);
     assert_eq!(last.0, 31);
     // Exactly `n` live children, all of the last generation: no worker of
     // an older one is left.
@@ -266,17 +272,7 @@ fn reload_switching_mode_and_io_under_load_drops_no_connection() {
         e.signal(libc::SIGHUP);
     }
     std::thread::sleep(Duration::from_millis(1000));
-    let stats = load.stop();
-    assert_eq!(
-        stats.failures(),
-        0,
-        "clients saw failures: {stats:#?}\n{}",
-        e.log()
-    );
-    assert!(
-        stats.completed >= 50,
-        "too little traffic to mean anything: {stats:#?}"
-    );
+    stop_clean(load, &e);
     // The burst's SIGHUPs coalesce into one or more reloads: wait for the
     // last generation the log names to be the only one.
     let settled = wait_until(Duration::from_secs(20), || {
