@@ -258,29 +258,7 @@ fn non_reading_client(mode: &str) {
     }
 
     // The slow client reads at last, and gets exactly its bytes back.
-    slow.set_nonblocking(false).unwrap();
-    slow.shutdown(std::net::Shutdown::Write).unwrap();
-    slow.set_read_timeout(Some(LIMIT)).unwrap();
-    let mut got: u64 = 0;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        match slow.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                assert!(
-                    got + n as u64 <= sent,
-                    "the slow client got more than the {sent} bytes it sent"
-                );
-                if let Some(at) = first_difference(&pattern, got, &buf[..n]) {
-                    panic!("the slow client's echo differs at byte {at} of {sent}");
-                }
-                got += n as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => panic!("the slow client's read failed after {got} of {sent} bytes: {e}"),
-        }
-    }
-    assert_eq!(got, sent, "the slow client got {got} of its {sent} bytes");
+    read_back_exactly(&mut slow, &pattern, sent, "the slow client");
     e.assert_no_errors();
 }
 
