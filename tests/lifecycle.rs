@@ -490,7 +490,7 @@ fn reload_moving_listen_frees_the_old_port() {
         "{}",
         e.log()
     );
-    let new = *load::listening(&e.log()).last().unwrap();
+    let new = *common::listening_addrs(&e.log()).last().unwrap();
     assert!(new.is_ipv6() && new != old, "new address {new}");
     echo_once(new, &payload(2, 5000));
     // The connection accepted before the move is still served.

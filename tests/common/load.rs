@@ -305,16 +305,6 @@ pub fn last_generation(log: &str) -> u64 {
         .unwrap_or(1)
 }
 
-/// The addresses the master logged as `listening on ADDR` (not the `no
-/// longer listening on` ones), in order.
-pub fn listening(log: &str) -> Vec<SocketAddr> {
-    log.lines()
-        .filter(|l| !l.contains("no longer listening on "))
-        .filter_map(|l| l.split("master: listening on ").nth(1))
-        .filter_map(|a| a.trim().parse().ok())
-        .collect()
-}
-
 // ---------------------------------------------------------------------------
 // /proc.
 
