@@ -127,9 +127,14 @@ impl Child {
 }
 
 /// Every live child of the master, by pid.
+///
+/// Invariant: `conns` is the number of connection children in
+/// `children` (kept, not counted, as fork mode's accept loop asks for it
+/// at every connection).
 #[derive(Debug, Default)]
 pub struct WorkerTable {
     children: BTreeMap<Pid, Child>,
+    conns: usize,
 }
 
 /// What the pool needs to reach the wanted size.
@@ -144,12 +149,23 @@ pub struct Plan {
 impl WorkerTable {
     /// Records a new child.
     pub fn insert(&mut self, child: Child) {
-        self.children.insert(child.pid, child);
+        if !child.is_worker() {
+            self.conns += 1;
+        }
+        if let Some(old) = self.children.insert(child.pid, child) {
+            if !old.is_worker() {
+                self.conns -= 1;
+            }
+        }
     }
 
     /// Forgets a reaped child and returns it.
     pub fn remove(&mut self, pid: Pid) -> Option<Child> {
-        self.children.remove(&pid)
+        let child = self.children.remove(&pid)?;
+        if !child.is_worker() {
+            self.conns -= 1;
+        }
+        Some(child)
     }
 
     /// The child with this pid.
@@ -175,7 +191,8 @@ impl WorkerTable {
     /// Connection children alive (fork mode's cap counts them all, of every
     /// generation: each is a process).
     pub fn connection_children(&self) -> usize {
-        self.iter().filter(|c| !c.is_worker()).count()
+        debug_assert_eq!(self.conns, self.iter().filter(|c| !c.is_worker()).count());
+        self.conns
     }
 
     /// Workers of `generation` that count in the pool (serving, not
@@ -461,6 +478,27 @@ mod tests {
             ..worker(11, 0, 1)
         };
         assert_eq!(conn.heartbeat_timeout(), None);
+    }
+
+    #[test]
+    fn connection_children_are_counted_as_they_come_and_go() {
+        let conn = |pid| Child {
+            role: Role::Conn {
+                peer: "127.0.0.1:5555".parse().unwrap(),
+            },
+            ..worker(pid, 0, 1)
+        };
+        let mut t = WorkerTable::default();
+        t.insert(worker(1, 0, 1));
+        t.insert(conn(2));
+        t.insert(conn(3));
+        assert_eq!(t.connection_children(), 2);
+        t.insert(conn(3));
+        assert_eq!(t.connection_children(), 2, "the same pid again");
+        assert!(t.remove(Pid::from_raw(2)).is_some());
+        assert!(t.remove(Pid::from_raw(1)).is_some());
+        assert!(t.remove(Pid::from_raw(9)).is_none());
+        assert_eq!(t.connection_children(), 1);
     }
 
     #[test]
