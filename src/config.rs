@@ -10,7 +10,7 @@
 //! Workers never parse: each one reads the snapshot it inherited,
 //! copy-on-write, at fork, which is why a reload forks a new generation.
 //!
-//! **Descriptors and signals:** none owned. [`Config::load`] opens the file,
+//! **Descriptors and signals:** none owned. [`Config::load_with`] opens the file,
 //! reads at most [`MAX_FILE_SIZE`] bytes and closes it before returning, so
 //! no descriptor outlives the call and none can leak into a forked worker.
 //!
@@ -451,23 +451,18 @@ fn default_workers() -> usize {
 }
 
 impl Config {
-    /// Loads the configuration for a start or a reload.
+    /// Loads the configuration for a start, a reload or `--check-config`,
+    /// then `check`s it against the system (does the user exist, can the
+    /// log file be opened). A problem the check finds is reported as parse
+    /// errors are: the file, line, column and key.
     ///
     /// With `path` `None`, reads [`DEFAULT_PATH`]; if that file does not exist
-    /// (`ENOENT`), returns [`Config::default`] with [`Source::BuiltIn`], so
-    /// that echod runs unconfigured. Any other failure to read it is an error:
-    /// a file that exists but cannot be read must not be silently ignored.
-    ///
-    /// With `Some(path)`, the file must exist: the operator named it, and
-    /// falling back to defaults would hide a typo in the path.
-    pub fn load(path: Option<&Path>) -> Result<(Config, Source), ConfigError> {
-        load_from(Path::new(DEFAULT_PATH), path).map(|(config, source, _)| (config, source))
-    }
-
-    /// [`Config::load`], then `check` the configuration against the system
-    /// (does the user exist, can the log file be opened), for a start, a
-    /// reload and `--check-config` alike. A problem the check finds is
-    /// reported as parse errors are: the file, line, column and key.
+    /// (`ENOENT`), the configuration is [`Config::default`] with
+    /// [`Source::BuiltIn`], so that echod runs unconfigured. Any other
+    /// failure to read it is an error: a file that exists but cannot be read
+    /// must not be silently ignored. With `Some(path)`, the file must exist:
+    /// the operator named it, and falling back to defaults would hide a typo
+    /// in the path.
     pub fn load_with<T>(
         path: Option<&Path>,
         check: impl FnOnce(&Config) -> Result<T, KeyProblem>,
@@ -587,7 +582,7 @@ impl Config {
     }
 }
 
-/// [`Config::load`] with the default path as a parameter, so that tests can
+/// [`Config::load_with`] with the default path as a parameter, so that tests can
 /// exercise the "default file absent" case without touching `/etc`.
 /// Returns the text read too, for [`Config::load_with`].
 fn load_from(
@@ -2166,7 +2161,7 @@ mod tests {
         );
         // Load through the public entry point too: an explicit path never
         // falls back, whatever exists at DEFAULT_PATH.
-        assert!(Config::load(Some(&absent)).is_err());
+        assert!(Config::load_with(Some(&absent), |_| Ok(())).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
