@@ -196,22 +196,25 @@ impl crate::echo::Io for SocketIo<'_> {
         self.pipe.as_ref().is_some_and(|p| p.usable())
     }
     fn splice_in(&mut self, len: usize) -> io::Result<usize> {
-        match self.pipe.as_mut() {
-            Some(p) => p.fill_from(self.stream, len),
-            None => Err(io::ErrorKind::Unsupported.into()),
-        }
+        let stream = self.stream;
+        self.pipe()?.fill_from(stream, len)
     }
     fn splice_out(&mut self, len: usize) -> io::Result<usize> {
-        match self.pipe.as_mut() {
-            Some(p) => p.drain_to(self.stream, len),
-            None => Err(io::ErrorKind::Unsupported.into()),
-        }
+        let stream = self.stream;
+        self.pipe()?.drain_to(stream, len)
     }
     fn read_pipe(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.pipe.as_mut() {
-            Some(p) => p.read(buf),
-            None => Err(io::ErrorKind::Unsupported.into()),
-        }
+        self.pipe()?.read(buf)
+    }
+}
+
+impl SocketIo<'_> {
+    /// The worker's pipe (`Unsupported` without one, as the trait's
+    /// defaults answer).
+    fn pipe(&mut self) -> io::Result<&mut Pipe> {
+        self.pipe
+            .as_deref_mut()
+            .ok_or_else(|| io::ErrorKind::Unsupported.into())
     }
 }
 
