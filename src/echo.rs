@@ -226,10 +226,12 @@ impl Echo {
         // connections use next, and wait for room as `on_readable` does.
         self.pending.clear();
         self.pending.reserve_exact(left);
-        while self.pending.len() < left {
-            let want = (left - self.pending.len()).min(scratch.len());
-            match io.read_pipe(&mut scratch[..want]) {
-                Ok(r) if r > 0 => self.pending.extend_from_slice(&scratch[..r]),
+        self.pending.resize(left, 0);
+        self.sent = 0;
+        let mut got = 0;
+        while got < left {
+            match io.read_pipe(&mut self.pending[got..]) {
+                Ok(r) if r > 0 => got += r,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // The pipe holds fewer bytes than it was given: cannot
                 // happen; closing is all that is left.
@@ -237,7 +239,6 @@ impl Echo {
                 Err(e) => return Next::Close(Close::Error(e.raw_os_error().unwrap_or(libc::EIO))),
             }
         }
-        self.sent = 0;
         Next::Write
     }
 
