@@ -209,6 +209,13 @@ impl BufRing {
         self.owner[bid as usize] = idx;
     }
 
+    /// Hands the ring buffer of `chunk`, if it has one, back to the kernel.
+    fn give_chunk(&mut self, chunk: &Chunk) {
+        if let Chunk::Ring { bid, .. } = *chunk {
+            self.give(bid);
+        }
+    }
+
     /// Hands buffer `bid` back to the kernel (visible at [`Self::publish`]).
     fn give(&mut self, bid: u16) {
         self.owner[bid as usize] = NO_OWNER;
@@ -1054,9 +1061,7 @@ impl Worker<'_> {
             // at once, so a cancelled one sent nothing).
             _ if matches!(-res, libc::EINTR | libc::EAGAIN | libc::ECANCELED) => 0,
             _ => {
-                if let Chunk::Ring { bid, .. } = front {
-                    self.bufs.give(bid);
-                }
+                self.bufs.give_chunk(&front);
                 if !c.closed {
                     let why = if res == 0 {
                         Close::Reset
@@ -1070,9 +1075,7 @@ impl Worker<'_> {
             }
         };
         if c.closed {
-            if let Chunk::Ring { bid, .. } = front {
-                self.bufs.give(bid);
-            }
+            self.bufs.give_chunk(&front);
             self.settle(idx);
             return;
         }
@@ -1085,9 +1088,7 @@ impl Worker<'_> {
         if c.sent < front.len() {
             c.front = Some(front);
         } else {
-            if let Chunk::Ring { bid, .. } = front {
-                self.bufs.give(bid);
-            }
+            self.bufs.give_chunk(&front);
             c.sent = 0;
             c.front = c.waiting.pop_front();
         }
@@ -1237,9 +1238,7 @@ impl Worker<'_> {
         }
         c.held = 0;
         for chunk in c.waiting.drain(..) {
-            if let Chunk::Ring { bid, .. } = chunk {
-                self.bufs.give(bid);
-            }
+            self.bufs.give_chunk(&chunk);
         }
         if c.recv == Recv::Armed {
             c.recv = Recv::Stopping;
