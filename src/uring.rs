@@ -309,17 +309,6 @@ impl Ring {
     }
 }
 
-/// The receive request of a connection (one-shot: at most one buffer).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Recv {
-    /// In flight.
-    Armed,
-    /// Cancelled; its completion has not arrived yet.
-    Stopping,
-    /// Not in flight.
-    Off,
-}
-
 /// Bytes to echo, in the order they arrived.
 enum Chunk {
     /// `len` bytes in ring buffer `bid`, echoed from where the kernel put
@@ -354,7 +343,9 @@ struct Conn {
     /// The bytes the client took from the socket while a send waits for
     /// room, seen at the idle scans (see [`crate::acked`]).
     acked: Acked,
-    recv: Recv,
+    /// The connection's receive (one-shot: at most one buffer) is in
+    /// flight, cancelled or not: its completion has not arrived yet.
+    recv_armed: bool,
     front: Option<Chunk>,
     /// Bytes of `front` already sent.
     sent: usize,
@@ -880,7 +871,7 @@ impl Worker<'_> {
             ip,
             last_active: self.now,
             acked: Acked::new(),
-            recv: Recv::Off,
+            recv_armed: false,
             front: None,
             sent: 0,
             waiting: VecDeque::new(),
@@ -905,7 +896,7 @@ impl Worker<'_> {
         let Some(Some(c)) = self.conns.get_mut(idx) else {
             return;
         };
-        c.recv = Recv::Armed;
+        c.recv_armed = true;
         let poll_first = if c.drained {
             IORING_RECVSEND_POLL_FIRST
         } else {
@@ -933,7 +924,7 @@ impl Worker<'_> {
         let Some(Some(c)) = self.conns.get(idx) else {
             return;
         };
-        if c.closed || c.eof || c.recv != Recv::Off {
+        if c.closed || c.eof || c.recv_armed {
             return;
         }
         if !(c.waiting.is_empty() && c.held <= self.config.buffer_size) {
@@ -984,9 +975,8 @@ impl Worker<'_> {
             }
             return;
         };
-        if !cqueue::more(flags) {
-            c.recv = Recv::Off;
-        }
+        // One-shot: this completion is the receive's last.
+        c.recv_armed = false;
         match (res, picked) {
             (1.., Some(bid)) if !c.closed => {
                 c.last_active = self.now;
@@ -1240,8 +1230,7 @@ impl Worker<'_> {
         for chunk in c.waiting.drain(..) {
             self.bufs.give_chunk(&chunk);
         }
-        if c.recv == Recv::Armed {
-            c.recv = Recv::Stopping;
+        if c.recv_armed {
             let e = opcode::AsyncCancel::new(ud(KIND_RECV, idx))
                 .build()
                 .user_data(ud(KIND_IGNORE, 0));
@@ -1273,7 +1262,7 @@ impl Worker<'_> {
         let Some(Some(c)) = self.conns.get(idx) else {
             return;
         };
-        if !(c.closed && c.recv == Recv::Off && c.front.is_none()) {
+        if !(c.closed && !c.recv_armed && c.front.is_none()) {
             return;
         }
         let Some(c) = self.conns[idx].take() else {
