@@ -122,11 +122,11 @@ pub struct Master {
     /// fork...). Only a future instant means anything: `wait` ignores a
     /// past one, and a stop or a reload clears it.
     accept_paused_until: Option<Instant>,
-    /// Fork mode: when an accept error that pauses accepting was last
-    /// logged, and how many such pauses went unlogged since: a listener
+    /// Fork mode: when (`now_ms()`) an accept error that pauses accepting
+    /// was last logged, and how many such pauses went unlogged since: a listener
     /// that keeps failing pauses every 100 ms, but is logged at most once
     /// a second.
-    accept_pause_logged: Option<Instant>,
+    accept_pause_logged: u64,
     unlogged_accept_pauses: u32,
     /// Fork mode: the connection whose child could not be forked, tried
     /// again when the accept pause is over (see [`Held`]). Invariant:
@@ -228,7 +228,7 @@ impl Master {
             pidfile,
             accept_paused_until: None,
             held: None,
-            accept_pause_logged: None,
+            accept_pause_logged: 0,
             unlogged_accept_pauses: 0,
             exit_code: exit_code::OK,
             notifier: Notifier::from_env(),
@@ -783,11 +783,7 @@ impl Master {
                     // accept would fail the same way, and the level-triggered
                     // poll would report the listener readable at once.
                     Err(e) => {
-                        let now = Instant::now();
-                        if self
-                            .accept_pause_logged
-                            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-                        {
+                        if crate::worker::once_a_second(&mut self.accept_pause_logged, now_ms()) {
                             let unlogged = std::mem::take(&mut self.unlogged_accept_pauses);
                             let more = if unlogged > 0 {
                                 format!(
@@ -800,11 +796,10 @@ impl Master {
                                 "accept on {}: {e}; pausing accepts for {ACCEPT_PAUSE:?}{more}",
                                 self.listeners[i].local
                             );
-                            self.accept_pause_logged = Some(now);
                         } else {
                             self.unlogged_accept_pauses += 1;
                         }
-                        self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                        self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                         return;
                     }
                 }

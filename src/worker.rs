@@ -218,6 +218,16 @@ impl SocketIo<'_> {
     }
 }
 
+/// Whether a line logged at most once a second may go out at `now` (ms):
+/// at least a second after the last, which `last` records when it may.
+pub(crate) fn once_a_second(last: &mut u64, now: u64) -> bool {
+    if *last != 0 && now.saturating_sub(*last) < 1000 {
+        return false;
+    }
+    *last = now;
+    true
+}
+
 /// The admission rules both worker loops (epoll here, io_uring in
 /// [`crate::uring`]) apply to an accepted connection, with their
 /// rate-limited log lines: `overload = "reject"`, `max_connections_per_ip`
@@ -264,11 +274,10 @@ impl<'a> Gate<'a> {
         now: u64,
         open: usize,
     ) -> Accepting {
-        if now.saturating_sub(self.last_starved_log) >= 1000 {
+        if once_a_second(&mut self.last_starved_log, now) {
             log::warn!(
                 "{what}: {e}; pausing accepts for {ACCEPT_PAUSE_MS} ms ({open} connections open)"
             );
-            self.last_starved_log = now;
         }
         Accepting::Starved(now + ACCEPT_PAUSE_MS)
     }
@@ -277,8 +286,7 @@ impl<'a> Gate<'a> {
     /// accepted and closed at once, so the client learns right away instead
     /// of waiting in the backlog.
     pub(crate) fn refuse_overload(&mut self, stream: TcpStream, now: u64) {
-        if now.saturating_sub(self.last_overload_log) >= 1000 {
-            self.last_overload_log = now;
+        if once_a_second(&mut self.last_overload_log, now) {
             log::warn!(
                 "max_connections ({}) reached: refusing {} (overload = \"reject\")",
                 self.config.max_connections,
@@ -325,8 +333,7 @@ impl<'a> Gate<'a> {
             // max_connections or set max_connections_per_ip since): the
             // cap still holds against what the workers counted, and this
             // connection is not counted.
-            if now.saturating_sub(self.last_table_full_log) >= 1000 {
-                self.last_table_full_log = now;
+            if once_a_second(&mut self.last_table_full_log, now) {
                 log::warn!(
                     "max_connections_per_ip: this worker counts at most {} distinct addresses \
                      (the scoreboard was sized at start); {peer} is not counted; \
