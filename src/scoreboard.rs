@@ -335,9 +335,11 @@ impl Scoreboard {
     /// memory (`MADV_REMOVE`: the pages are freed and read as zeros
     /// again), or zeros stored where the tables do not fill whole pages.
     /// Always, not only when the worker wrote them: in a shared mapping a
-    /// page that another worker's probe only read is allocated too. The slot is not live: only a worker that
-    /// read the live bits just before may still probe these tables, and
-    /// counts the dead worker's connections or not.
+    /// page that another worker's probe only read is allocated too, which
+    /// is also why [`Scoreboard::claim`] empties them again (a probe that
+    /// raced the release may have read them since). The slot is not live:
+    /// only a worker that read the live bits just before may still probe
+    /// these tables, and counts the dead worker's connections or not.
     fn reset_ip_tables(&self, slot: usize) {
         let head = &self.shared().ip_heads[slot];
         {
