@@ -116,6 +116,24 @@ pub enum IoBackend {
     IoUring,
 }
 
+/// Whether a prefork worker keeps the kernel's wake-up preemption.
+///
+/// A task woken by a client's data normally preempts the task running on
+/// its CPU; a `SCHED_BATCH` task waits for the next tick or a free CPU
+/// instead, and then finds more ready connections per wake-up. See
+/// `src/sched.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedPolicy {
+    /// `SCHED_BATCH` while the worker's wake-ups each bring several ready
+    /// connections, `SCHED_OTHER` while they bring one or two.
+    Auto,
+    /// Always `SCHED_OTHER`, the kernel's normal policy.
+    Other,
+    /// Always `SCHED_BATCH`.
+    Batch,
+}
+
 /// The whole configuration of one generation, as parsed and validated.
 ///
 /// Every value that [`Config::parse`] returns satisfies the invariants stated
@@ -139,6 +157,8 @@ pub struct Config {
     /// fork mode.
     #[serde(serialize_with = "serialize_duration")]
     pub busy_poll: Duration,
+    /// The prefork workers' scheduling policy. Unused in fork mode.
+    pub sched_policy: SchedPolicy,
     /// Whether a prefork worker that holds more connections than the least
     /// loaded accepting worker leaves new ones to it. Unused in fork mode.
     pub balance: bool,
@@ -326,6 +346,17 @@ impl Overload {
     }
 }
 
+impl SchedPolicy {
+    /// The name used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchedPolicy::Auto => "auto",
+            SchedPolicy::Other => "other",
+            SchedPolicy::Batch => "batch",
+        }
+    }
+}
+
 impl IoBackend {
     /// The name used in the file.
     pub fn as_str(self) -> &'static str {
@@ -422,6 +453,7 @@ impl Default for Config {
             workers: default_workers(),
             io: IoBackend::Epoll,
             busy_poll: Duration::ZERO,
+            sched_policy: SchedPolicy::Auto,
             balance: true,
             max_connections: 1024,
             max_connections_per_ip: 0,
@@ -545,6 +577,7 @@ impl Config {
             ("workers", Some(self.workers.to_string())),
             ("io", Some(quote(self.io.as_str()))),
             ("busy_poll", Some(quote(&format_duration(self.busy_poll)))),
+            ("sched_policy", Some(quote(self.sched_policy.as_str()))),
             ("balance", Some(self.balance.to_string())),
             ("max_connections", Some(self.max_connections.to_string())),
             (
@@ -746,6 +779,7 @@ pub const TOP_KEYS: &[&str] = &[
     "workers",
     "io",
     "busy_poll",
+    "sched_policy",
     "balance",
     "max_connections",
     "max_connections_per_ip",
@@ -820,6 +854,17 @@ fn parse_document(text: &str) -> Result<Config, Fault> {
                 )?;
             }
             "busy_poll" => config.busy_poll = busy_poll(value)?,
+            "sched_policy" => {
+                config.sched_policy = choice(
+                    value,
+                    "sched_policy",
+                    &[
+                        ("auto", SchedPolicy::Auto),
+                        ("other", SchedPolicy::Other),
+                        ("batch", SchedPolicy::Batch),
+                    ],
+                )?;
+            }
             "balance" => config.balance = boolean(value, "balance")?,
             "splice" => config.splice = boolean(value, "splice")?,
             "max_connections" => {
@@ -1465,6 +1510,7 @@ mod tests {
             workers: 7,
             io: IoBackend::IoUring,
             busy_poll: Duration::from_micros(50),
+            sched_policy: SchedPolicy::Batch,
             balance: false,
             max_connections: 10_000,
             max_connections_per_ip: 16,
@@ -1505,6 +1551,7 @@ mod tests {
         assert_eq!(c.workers, cpus.min(512));
         assert_eq!(c.io, IoBackend::Epoll);
         assert_eq!(c.busy_poll, Duration::ZERO);
+        assert_eq!(c.sched_policy, SchedPolicy::Auto);
         assert!(c.balance);
         assert_eq!(c.max_connections, 1024);
         assert_eq!(c.max_connections_per_ip, 0);
@@ -1540,6 +1587,7 @@ mod tests {
             workers = 7
             io = "io_uring"
             busy_poll = "50us"
+            sched_policy = "batch"
             balance = false
             max_connections = 10_000
             max_connections_per_ip = 16
@@ -1723,7 +1771,7 @@ mod tests {
         );
         assert_eq!(
             error("\"a b\\n\" = 1\n"),
-            "/tmp/x.toml:1:1: \"a b\\n\": unknown key; the keys at the top level are listen, backlog, mode, workers, io, busy_poll, balance, max_connections, max_connections_per_ip, overload, buffer_size, splice, idle_timeout, shutdown_timeout, worker_timeout, max_requests_per_worker, pid_file, user, group, daemon, log"
+            "/tmp/x.toml:1:1: \"a b\\n\": unknown key; the keys at the top level are listen, backlog, mode, workers, io, busy_poll, sched_policy, balance, max_connections, max_connections_per_ip, overload, buffer_size, splice, idle_timeout, shutdown_timeout, worker_timeout, max_requests_per_worker, pid_file, user, group, daemon, log"
         );
         assert_eq!(
             error("[log.rotate]\nsize = 1\n"),
@@ -1836,6 +1884,10 @@ mod tests {
         assert_eq!(
             error("busy_poll = \"2s\""),
             "/tmp/x.toml:1:13: busy_poll: \"2s\" is longer than the limit of 1s; a busy poll waits for the next message for microseconds, such as \"50us\""
+        );
+        assert_eq!(
+            error("sched_policy = \"fifo\""),
+            "/tmp/x.toml:1:16: sched_policy: expected \"auto\", \"other\" or \"batch\", found \"fifo\""
         );
         assert_eq!(
             error("io = 1"),
@@ -2205,6 +2257,7 @@ mod tests {
         new.mode = Mode::Fork;
         new.io = IoBackend::IoUring;
         new.busy_poll = Duration::from_micros(50);
+        new.sched_policy = SchedPolicy::Other;
         new.balance = false;
         new.user = Some("echod".to_owned());
         new.idle_timeout = Duration::from_secs(30);
@@ -2218,6 +2271,7 @@ mod tests {
                 format!("workers {} -> {}", old.workers, new.workers),
                 "io \"epoll\" -> \"io_uring\"".to_owned(),
                 "busy_poll \"0s\" -> \"50us\"".to_owned(),
+                "sched_policy \"auto\" -> \"other\"".to_owned(),
                 "balance true -> false".to_owned(),
                 "idle_timeout \"5m\" -> \"30s\"".to_owned(),
                 "user (unset) -> \"echod\"".to_owned(),
@@ -2225,7 +2279,7 @@ mod tests {
                 "log.level \"info\" -> \"debug\"".to_owned(),
             ]
         );
-        assert_eq!(new.changes(&old).len(), 10);
+        assert_eq!(new.changes(&old).len(), 11);
     }
 
     #[test]
@@ -2423,6 +2477,11 @@ mod tests {
             ),
             (
                 any::<bool>(),
+                prop::sample::select(vec![
+                    SchedPolicy::Auto,
+                    SchedPolicy::Other,
+                    SchedPolicy::Batch,
+                ]),
                 duration.clone(),
                 duration.clone(),
                 duration,
@@ -2451,6 +2510,7 @@ mod tests {
                     ),
                     (
                         splice,
+                        sched_policy,
                         idle_timeout,
                         shutdown_timeout,
                         worker_timeout,
@@ -2468,6 +2528,7 @@ mod tests {
                     workers,
                     io,
                     busy_poll,
+                    sched_policy,
                     balance,
                     max_connections,
                     max_connections_per_ip,

@@ -30,6 +30,7 @@
 //! | [`worker`] | the prefork worker's epoll loop | worker |
 //! | [`uring`] | the prefork worker's loop on io_uring (`io = "io_uring"`) | worker |
 //! | [`splice`] | the epoll worker's pipe for echoing large messages with `splice(2)` | worker |
+//! | [`sched`] | the worker's scheduling policy (`sched_policy`: wake-up preemption) | worker |
 //! | [`conn`] | fork mode: serve one connection | connection child |
 //! | [`echo`] | the echo state machine over a buffer (pure) | worker, child |
 //! | [`acked`] | whether a client took bytes of its echo since the last look (`TCP_INFO`) | worker, child |
@@ -76,6 +77,7 @@ pub mod master;
 pub mod notify;
 pub mod pidfile;
 pub mod process;
+pub mod sched;
 pub mod scoreboard;
 pub mod signals;
 pub mod splice;

@@ -92,6 +92,7 @@ use crate::config::{Config, Overload};
 use crate::echo::Close;
 use crate::listener::{accept_error_consumes_a_connection, Listener};
 use crate::process::exit_code;
+use crate::sched::Preemption;
 use crate::scoreboard::{now_ms, IpKey, Taking};
 use crate::signals::SignalPipe;
 use crate::worker::{
@@ -397,6 +398,7 @@ struct Worker<'a> {
     holders: Vec<usize>,
     now: u64,
     busy: BusyPoll,
+    preemption: Preemption,
     signal_fd: i32,
 }
 
@@ -429,6 +431,7 @@ pub fn run(
         holders: Vec::new(),
         now: now_ms(),
         busy: BusyPoll::new(config),
+        preemption: Preemption::new(config, now_ms()),
         signal_fd: signals.as_fd().as_raw_fd(),
     };
     log::debug!("io_uring worker: {} receive buffers", w.bufs.entries);
@@ -543,6 +546,7 @@ impl Worker<'_> {
                     .map(|c| (c.user_data(), c.result(), c.flags())),
             );
             self.busy.after_wait(cqes.len());
+            let mut ready = 0;
             for &(data, res, flags) in &cqes {
                 let idx = (data >> 8) as usize;
                 match data & 0xff {
@@ -563,7 +567,10 @@ impl Worker<'_> {
                             return code;
                         }
                     }
-                    KIND_RECV => self.on_recv(idx, res, flags),
+                    KIND_RECV => {
+                        ready += 1;
+                        self.on_recv(idx, res, flags);
+                    }
                     KIND_SEND => self.on_send(idx, res),
                     KIND_DOORBELL => {
                         if self.accepting == Accepting::Closed {
@@ -577,6 +584,7 @@ impl Worker<'_> {
                     _ => {}
                 }
             }
+            self.preemption.after_wait(ready, self.now);
             if self.bufs.free < self.reserve {
                 self.reclaim();
             }

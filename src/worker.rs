@@ -119,6 +119,7 @@ use crate::config::{Config, Overload};
 use crate::echo::{Close, Echo, Next};
 use crate::listener::{accept_error_consumes_a_connection, Listener};
 use crate::process::exit_code;
+use crate::sched::Preemption;
 use crate::scoreboard::{now_ms, IpKey, Others, Scoreboard, Taking};
 use crate::signals::{SignalPipe, WORKER_SIGNALS};
 use crate::splice::Pipe;
@@ -674,6 +675,7 @@ struct Worker<'a> {
     gate: Gate<'a>,
     balance: Balance<'a>,
     busy: BusyPoll,
+    preemption: Preemption,
     now: u64,
     /// The pipe large messages are echoed through (`splice = true`); empty
     /// whenever [`Worker::drive`] returns.
@@ -742,6 +744,7 @@ impl<'a> Worker<'a> {
             gate: Gate::new(config, seat),
             balance,
             busy: BusyPoll::new(config),
+            preemption: Preemption::new(config, now_ms()),
             now: now_ms(),
             pipe: None,
         };
@@ -786,6 +789,7 @@ impl<'a> Worker<'a> {
             };
             self.now = now_ms();
             self.busy.after_wait(n);
+            let mut ready = 0;
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_SIGNALS => {
@@ -797,11 +801,15 @@ impl<'a> Worker<'a> {
                             }
                         }
                     }
-                    t if t >= TOKEN_CONN => self.drive((t - TOKEN_CONN) as usize, ev.events()),
+                    t if t >= TOKEN_CONN => {
+                        ready += 1;
+                        self.drive((t - TOKEN_CONN) as usize, ev.events());
+                    }
                     TOKEN_DOORBELL => self.on_doorbell(),
                     t => self.accept_from((t - TOKEN_LISTENER) as usize, true),
                 }
             }
+            self.preemption.after_wait(ready, self.now);
             match self.accepting {
                 Accepting::Starved(until) if self.now >= until => self.resume_or_log(),
                 Accepting::Passing(until) if self.now >= until => {

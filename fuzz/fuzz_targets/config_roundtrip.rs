@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use echod::config::{
-    Config, IoBackend, LogConfig, LogTarget, Mode, Overload, FACILITIES, MIN_WORKER_TIMEOUT,
+    Config, IoBackend, LogConfig, LogTarget, Mode, Overload, SchedPolicy, FACILITIES,
+    MIN_WORKER_TIMEOUT,
 };
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
@@ -82,6 +83,7 @@ fn config(u: &mut Unstructured) -> Result<Config> {
         } else {
             Duration::from_nanos(u.int_in_range(0..=1_000_000_000)?)
         },
+        sched_policy: *u.choose(&[SchedPolicy::Auto, SchedPolicy::Other, SchedPolicy::Batch])?,
         balance: u.arbitrary()?,
         max_connections: u.int_in_range(1..=1_000_000)?,
         max_connections_per_ip: u.int_in_range(0..=1_000_000)?,

@@ -30,6 +30,12 @@ pub fn state(pid: i32) -> Option<char> {
     stat_fields(pid)?.first()?.chars().next()
 }
 
+/// The scheduling policy of `pid` (field 41 of `/proc/PID/stat`):
+/// 0 `SCHED_OTHER`, 3 `SCHED_BATCH`, 5 `SCHED_IDLE`...
+pub fn sched_policy(pid: i32) -> Option<i32> {
+    stat_fields(pid)?.get(41 - 3)?.parse().ok()
+}
+
 /// CPU time (user + system) of `pid`, in clock ticks.
 pub fn cpu_ticks(pid: i32) -> Option<u64> {
     let f = stat_fields(pid)?;

@@ -98,6 +98,8 @@ pub struct Start<'a> {
     /// root echod whose config checks pass and whose children cannot
     /// switch users.
     pub without_setuid_caps: bool,
+    /// Start echod under `SCHED_IDLE`, as `chrt --idle 0` would.
+    pub sched_idle: bool,
 }
 
 impl<'a> Start<'a> {
@@ -111,7 +113,12 @@ impl<'a> Start<'a> {
             nproc: None,
             uid: None,
             without_setuid_caps: false,
+            sched_idle: false,
         }
+    }
+    pub fn sched_idle(mut self) -> Self {
+        self.sched_idle = true;
+        self
     }
     pub fn without_setuid_caps(mut self) -> Self {
         self.without_setuid_caps = true;
@@ -193,6 +200,22 @@ impl Echod {
         }
         if s.without_setuid_caps {
             without_setuid_caps(&mut cmd);
+        }
+        if s.sched_idle {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the forked child before exec and
+            // only calls sched_setscheduler(2) (a plain syscall, so
+            // async-signal-safe) on the child itself, with a `sched_param`
+            // that lives through the call.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let param = libc::sched_param { sched_priority: 0 };
+                    if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().expect("spawn echod");
         let pid = child.id() as i32;

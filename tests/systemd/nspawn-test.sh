@@ -214,10 +214,15 @@ else
 fi
 [ "$STAND_IN" = 1 ] && install -m 0755 "$BIN" "$STAGE/usr/local/bin/echod"
 # The test's configuration: the shipped file on port 7, with fewer workers
-# and a short drain so that stops are quick.
+# and a short drain so that stops are quick, and the workers in SCHED_BATCH
+# from the start, so that the unit's seccomp filter is seen to allow the
+# call that sets it.
 sed -i -e "s/^#workers = .*/workers = $WORKERS/" \
-    -e 's/^#shutdown_timeout = .*/shutdown_timeout = "3s"/' "$STAGE/etc/echod.toml"
+    -e 's/^#shutdown_timeout = .*/shutdown_timeout = "3s"/' \
+    -e 's/^#sched_policy = .*/sched_policy = "batch"/' "$STAGE/etc/echod.toml"
 grep -q "^workers = $WORKERS" "$STAGE/etc/echod.toml" || die "cannot set workers in etc/echod.toml"
+grep -q '^sched_policy = "batch"' "$STAGE/etc/echod.toml" ||
+    die "cannot set sched_policy in etc/echod.toml"
 grep -q '^listen = \["0.0.0.0:7", "\[::\]:7"\]' "$STAGE/etc/echod.toml" ||
     die "etc/echod.toml no longer listens on port 7"
 
@@ -398,6 +403,20 @@ for p in $WORKER_PIDS; do
     [ "$(comm_of "$p")" = echod-worker ] || { say "    worker $p comm is '$(comm_of "$p")'"; ok=0; }
 done
 check "process names: echod-master, echod-worker" [ $ok = 1 ]
+
+# sched_policy = "batch" under the unit's SystemCallFilter=: each worker runs
+# SCHED_BATCH (3, field 41 of /proc/PID/stat), the master SCHED_OTHER (0).
+policy_of() { c sed 's/.*) //' "/proc/$1/stat" | awk '{ print $39 }'; }
+if [ "$STAND_IN" = 1 ]; then
+    say "SKIP: the stand-in does not set a scheduling policy"
+else
+    ok=1
+    [ "$(policy_of "$MAIN")" = 0 ] || { say "    master policy is $(policy_of "$MAIN")"; ok=0; }
+    for p in $WORKER_PIDS; do
+        [ "$(policy_of "$p")" = 3 ] || { say "    worker $p policy is $(policy_of "$p")"; ok=0; }
+    done
+    check "sched_policy = \"batch\": workers SCHED_BATCH under the seccomp filter" [ $ok = 1 ]
+fi
 
 # The sandbox is in force: seccomp filter, no_new_privs, and no capability
 # but CAP_NET_BIND_SERVICE (bit 10) even in the bounding set.

@@ -1,0 +1,229 @@
+//! A prefork worker's scheduling policy (`sched_policy`): whether the
+//! kernel lets it preempt the running task when a client's data wakes it.
+//!
+//! Runs in: the prefork workers (both loops), after the fork, and the one
+//! process of `--single-process`; the master and fork mode's connection
+//! children keep the policy echod was started with.
+//!
+//! Under Linux's normal policy (`SCHED_OTHER`) a task that a wake-up makes
+//! runnable preempts the task running on its CPU when the scheduler thinks
+//! it has waited long enough. For one connection that is what the client
+//! wants: its echo goes out at once. For a worker serving many busy
+//! connections on CPUs shared with their clients it is waste: the worker
+//! wakes for the first message, preempts the client that was about to send
+//! the next forty-nine, and sleeps again after one or two, so both pay a
+//! context switch every few messages. A `SCHED_BATCH` task does not preempt
+//! on wake-up (its turn comes at the next tick, or as soon as a CPU is
+//! free), so it finds more ready connections per wake-up and switches far
+//! less; the kernel says what the policy is for: CPU-intensive,
+//! non-interactive work (sched(7)). Measured side by side with the tokio
+//! reference: see docs/BENCHMARKS.md, "Wake-up preemption".
+//!
+//! `sched_policy = "auto"` (the default) decides per worker from what its
+//! wake-ups bring: [`Preemption::after_wait`] counts the ready connections
+//! each wait returned, and every [`WINDOW_MS`] a worker whose waits brought
+//! [`BATCH_AT`] or more on average turns to `SCHED_BATCH`, and one in batch
+//! whose waits brought fewer than [`OTHER_BELOW`] turns back (the gap keeps
+//! it from flapping). A worker with one or two active clients (a health
+//! check, a latency probe) so stays preemptive; a worker whose every wake-up
+//! finds a crowd gives up preemption it gains nothing from. `"other"` and
+//! `"batch"` fix the policy for good.
+//!
+//! Only the normal class is touched: a worker that inherits a realtime or
+//! idle policy (`CPUSchedulingPolicy=fifo` under systemd, `chrt`) keeps it,
+//! whatever the key says. Switching between `SCHED_OTHER` and `SCHED_BATCH`
+//! keeps the nice value and needs no privilege; if the kernel refuses it
+//! anyway (a seccomp filter), the worker logs one line and keeps its policy.
+
+use crate::config::{Config, SchedPolicy};
+
+/// The period over which `auto` averages the ready connections per wait.
+pub(crate) const WINDOW_MS: u64 = 100;
+/// The average of ready connections per wait at which `auto` turns a worker
+/// to `SCHED_BATCH`.
+pub(crate) const BATCH_AT: u64 = 4;
+/// The average below which `auto` turns a batch worker back.
+pub(crate) const OTHER_BELOW: u64 = 2;
+
+/// One worker's scheduling policy and, under `auto`, what decides it.
+pub(crate) struct Preemption {
+    /// Whether `after_wait` may still change the policy.
+    auto: bool,
+    /// Whether the worker runs as `SCHED_BATCH` now.
+    batch: bool,
+    /// Start of the current window, in the worker's `now_ms` clock.
+    since: u64,
+    /// Waits and ready connections counted in the current window.
+    waits: u64,
+    ready: u64,
+}
+
+impl Preemption {
+    /// Sets the policy `config` asks for at start (`auto` starts as
+    /// `SCHED_OTHER`), unless the worker inherited one outside the normal
+    /// class.
+    pub(crate) fn new(config: &Config, now: u64) -> Preemption {
+        let mut p = Preemption {
+            auto: false,
+            batch: false,
+            since: now,
+            waits: 0,
+            ready: 0,
+        };
+        match current() {
+            Some(libc::SCHED_OTHER) => {}
+            Some(libc::SCHED_BATCH) => p.batch = true,
+            Some(other) => {
+                log::info!(
+                    "scheduling policy {other} inherited; sched_policy = \"{}\" not applied",
+                    config.sched_policy.as_str()
+                );
+                return p;
+            }
+            None => return p,
+        }
+        // No call when the policy is already right: where a seccomp filter
+        // denies the call, a worker that never needs it logs nothing.
+        let batch = config.sched_policy == SchedPolicy::Batch;
+        if batch == p.batch || p.switch(batch) {
+            p.auto = config.sched_policy == SchedPolicy::Auto;
+        }
+        p
+    }
+
+    /// Records a wait (an `epoll_wait`, an `io_uring_enter`) that brought
+    /// `ready` connections with something to do, at `now` (ms); at the end
+    /// of a window, `auto` decides.
+    pub(crate) fn after_wait(&mut self, ready: usize, now: u64) {
+        if !self.auto {
+            return;
+        }
+        self.waits += 1;
+        self.ready += ready as u64;
+        if now.saturating_sub(self.since) < WINDOW_MS {
+            return;
+        }
+        let batch = wants_batch(self.batch, self.waits, self.ready);
+        self.since = now;
+        self.waits = 0;
+        self.ready = 0;
+        if batch != self.batch && !self.switch(batch) {
+            self.auto = false;
+        }
+    }
+
+    /// Sets `SCHED_BATCH` (`batch`) or `SCHED_OTHER`; false (logged) if the
+    /// kernel refused.
+    fn switch(&mut self, batch: bool) -> bool {
+        let policy = if batch {
+            libc::SCHED_BATCH
+        } else {
+            libc::SCHED_OTHER
+        };
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is an initialised `sched_param` that outlives the
+        // call, which only reads it; pid 0 is the calling thread (the
+        // worker's only one).
+        if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+            log::warn!(
+                "cannot set scheduling policy {}: {}; keeping the current one",
+                if batch { "SCHED_BATCH" } else { "SCHED_OTHER" },
+                std::io::Error::last_os_error()
+            );
+            return false;
+        }
+        if batch != self.batch {
+            log::debug!(
+                "scheduling policy {}",
+                if batch { "SCHED_BATCH" } else { "SCHED_OTHER" }
+            );
+        }
+        self.batch = batch;
+        true
+    }
+}
+
+/// Whether a window of `waits` waits that brought `ready` ready connections
+/// in all leaves the worker in batch (`batch`: whether it is now).
+pub(crate) fn wants_batch(batch: bool, waits: u64, ready: u64) -> bool {
+    if waits == 0 {
+        return batch;
+    }
+    if batch {
+        ready >= OTHER_BELOW * waits
+    } else {
+        ready >= BATCH_AT * waits
+    }
+}
+
+/// The calling thread's policy, `None` (logged) if the kernel will not say.
+fn current() -> Option<libc::c_int> {
+    // SAFETY: no pointer is passed; pid 0 is the calling thread.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    if policy < 0 {
+        log::warn!(
+            "cannot read the scheduling policy: {}; sched_policy not applied",
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    // SCHED_RESET_ON_FORK is or-ed into the policy when it is set.
+    Some(policy & !libc::SCHED_RESET_ON_FORK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_turns_to_batch_at_four_per_wait_and_back_below_two() {
+        // From SCHED_OTHER: 4 ready per wait on average turns it.
+        assert!(!wants_batch(false, 10, 39));
+        assert!(wants_batch(false, 10, 40));
+        assert!(wants_batch(false, 1, 50));
+        // One connection: one per wait, never batch.
+        assert!(!wants_batch(false, 1000, 1000));
+        // In batch: stays down to 2 per wait, leaves below.
+        assert!(wants_batch(true, 10, 20));
+        assert!(wants_batch(true, 10, 39));
+        assert!(!wants_batch(true, 10, 19));
+        // Idle waits (timeouts) count: a worker that went quiet leaves.
+        assert!(!wants_batch(true, 1, 0));
+        // No wait: nothing to go by, no change.
+        assert!(wants_batch(true, 0, 0));
+        assert!(!wants_batch(false, 0, 0));
+    }
+
+    #[test]
+    fn a_window_decides_only_when_it_ends() {
+        let mut p = Preemption {
+            auto: true,
+            batch: false,
+            since: 1000,
+            waits: 0,
+            ready: 0,
+        };
+        for t in 1000..1099 {
+            p.after_wait(50, t);
+        }
+        assert!(!p.batch, "decided before the window ended");
+        assert_eq!((p.waits, p.ready), (99, 99 * 50));
+        p.after_wait(50, 1100);
+        assert_eq!((p.waits, p.ready, p.since), (0, 0, 1100));
+        assert!(p.batch);
+        assert_eq!(thread_policy(), libc::SCHED_BATCH);
+        // A quiet window: back to the normal policy.
+        p.after_wait(0, 1250);
+        assert!(!p.batch);
+        assert_eq!(thread_policy(), libc::SCHED_OTHER);
+    }
+
+    /// The calling thread's policy as the kernel shows it (field 41 of
+    /// `/proc/thread-self/stat`).
+    fn thread_policy() -> libc::c_int {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+        // Fields from 3 (state) on; the policy is field 41.
+        after_comm.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+    }
+}
