@@ -8,7 +8,8 @@
 # (after the other two, every round), echod with busy_poll = "50us" (for
 # two ping-pong loads only), echod with balance = false (ping-pong x50 and
 # stream only, the loads where placement shows), echod with splice = false
-# (stream only, the load that splices) and examples/tokio_echo.rs, each on
+# (stream only, the load that splices), echod with sched_policy = "other"
+# (the ping-pong loads side by side only) and examples/tokio_echo.rs, each on
 # 127.0.0.1:0 (the port is read from its log). Then, side by side, the
 # CPU loads run against echod and the reference at the same moment (two
 # echod-bench processes started together), so that both servers see the same
@@ -182,8 +183,8 @@ launch() {
     fi
 }
 
-echod_config() { # MODE [IO] [BUSY_POLL] [BALANCE] [SPLICE] -> path of a config file
-    local file=$tmp/echod-$1-${2:-epoll}-${3:-0s}-${4:-true}-${5:-true}.toml
+echod_config() { # MODE [IO] [BUSY_POLL] [BALANCE] [SPLICE] [SCHED] -> path of a config file
+    local file=$tmp/echod-$1-${2:-epoll}-${3:-0s}-${4:-true}-${5:-true}-${6:-auto}.toml
     cat >"$file" <<EOF
 listen = ["127.0.0.1:0"]
 mode = "$1"
@@ -191,6 +192,7 @@ io = "${2:-epoll}"
 busy_poll = "${3:-0s}"
 balance = ${4:-true}
 splice = ${5:-true}
+sched_policy = "${6:-auto}"
 workers = $(nproc)
 # The hold load keeps $HOLD connections open at once.
 max_connections = $((HOLD + 1000))
@@ -283,19 +285,19 @@ measure_pair() {
     done
 }
 
-# run_pairs SERVER PORT PID [placement|stream]: the side-by-side loads,
-# $PAIRS times; with "placement", only the two where placement shows; with
-# "stream", the stream alone.
+# run_pairs SERVER PORT PID [placement|stream|pingpong]: the side-by-side
+# loads, $PAIRS times; with "placement", only the two where placement shows;
+# with "stream", the stream alone; with "pingpong", the three ping-pong loads.
 run_pairs() {
     local s=$1 port=$2 pid=$3 all=${4:-all}
     [ -n "$ref_port" ] || return 0
     for ((repeat = 1; repeat <= PAIRS; repeat++)); do
         [ "$all" = stream ] || measure_pair pingpong50 "$s" "$port" "$pid" pingpong -c 50 -l 64 "${paired[@]}"
-        if [ "$all" = all ]; then
+        if [ "$all" = all ] || [ "$all" = pingpong ]; then
             measure_pair pingpong500 "$s" "$port" "$pid" pingpong -c 500 -l 64 "${paired[@]}"
             measure_pair pingpong1 "$s" "$port" "$pid" pingpong -c 1 -l 64 "${paired[@]}"
         fi
-        measure_pair stream "$s" "$port" "$pid" stream -c 4 -l 65536 "${paired[@]}"
+        [ "$all" = pingpong ] || measure_pair stream "$s" "$port" "$pid" stream -c 4 -l 65536 "${paired[@]}"
     done
 }
 
@@ -304,7 +306,7 @@ echo "bench: $ROUNDS rounds, ${DURATION} s per load after ${WARMUP} s warm-up, $
 
 for ((round = 1; round <= ROUNDS; round++)); do
     echo "bench: round $round of $ROUNDS" >&2
-    pre_port='' ref_port='' fork_port='' uring_port='' busy_port='' unbal_port='' plain_port=''
+    pre_port='' ref_port='' fork_port='' uring_port='' busy_port='' unbal_port='' plain_port='' other_port=''
     launch pre echod-prefork "$echod" --config "$(echod_config prefork)"
     launch ref tokio "$reference" 127.0.0.1:0
     launch fork echod-fork "$echod" --config "$(echod_config fork)"
@@ -317,6 +319,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     launch unbal echod-unbal "$echod" --config "$(echod_config prefork epoll 0s false)"
     # Without splice: large messages read and written like small ones.
     launch plain echod-nosplice "$echod" --config "$(echod_config prefork epoll 0s true false)"
+    # Wake-up preemption kept: every worker SCHED_OTHER whatever its load.
+    launch other echod-other "$echod" --config "$(echod_config prefork epoll 0s true true other)"
 
     # Alternate which server goes first, so neither always runs on a machine
     # warmed (or tired) by the other.
@@ -361,11 +365,13 @@ for ((round = 1; round <= ROUNDS; round++)); do
     done
 
     # Side by side, last: echod (epoll), then echod (io_uring), then echod
-    # without balancing, then without splice, each beside the reference.
+    # without balancing, then without splice, then with sched_policy =
+    # "other", each beside the reference.
     [ -z "$pre_port" ] || run_pairs echod "$pre_port" "$pre_pid"
     [ -z "$uring_port" ] || run_pairs echod-uring "$uring_port" "$uring_pid"
     [ -z "$unbal_port" ] || run_pairs echod-unbal "$unbal_port" "$unbal_pid" placement
     [ -z "$plain_port" ] || run_pairs echod-nosplice "$plain_port" "$plain_pid" stream
+    [ -z "$other_port" ] || run_pairs echod-other "$other_port" "$other_pid" pingpong
 
     [ -z "$pre_port" ] || stop_server "$pre_pid" INT
     [ -z "$fork_port" ] || stop_server "$fork_pid" INT
@@ -373,6 +379,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     [ -z "$busy_port" ] || stop_server "$busy_pid" INT
     [ -z "$unbal_port" ] || stop_server "$unbal_pid" INT
     [ -z "$plain_port" ] || stop_server "$plain_pid" INT
+    [ -z "$other_port" ] || stop_server "$other_pid" INT
     [ -z "$ref_port" ] || stop_server "$ref_pid" TERM
 done
 
@@ -462,9 +469,10 @@ pair_ratio() {
 
 # pair_row LABEL METRIC BETTER LOAD KEY
 pair_row() {
-    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$1" "$2" \
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$1" "$2" \
         "$(fmt "$(pair_ratio "$4" echod "$5")" 2)" "$(fmt "$(pair_ratio "$4" echod-uring "$5")" 2)" \
-        "$(fmt "$(pair_ratio "$4" echod-unbal "$5")" 2)" "$(fmt "$(pair_ratio "$4" echod-nosplice "$5")" 2)" "$3"
+        "$(fmt "$(pair_ratio "$4" echod-unbal "$5")" 2)" "$(fmt "$(pair_ratio "$4" echod-nosplice "$5")" 2)" \
+        "$(fmt "$(pair_ratio "$4" echod-other "$5")" 2)" "$3"
 }
 
 table=$out/table.md
@@ -509,8 +517,8 @@ table=$out/table.md
     echo
     echo "Side by side (the load against echod and the reference at the same moment, $pair_threads client threads each, $PAIRS pairs per round): median (min-max) over the $((ROUNDS * PAIRS)) pairs of each pair's ratio echod / reference."
     echo
-    echo "| load | metric | echod / reference | echod (io_uring) / reference | echod (balance = false) / reference | echod (splice = false) / reference | better |"
-    echo "| --- | --- | ---: | ---: | ---: | ---: | --- |"
+    echo "| load | metric | echod / reference | echod (io_uring) / reference | echod (balance = false) / reference | echod (splice = false) / reference | echod (sched_policy = \"other\") / reference | better |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"
     pair_row "pingpong 64 B x 50 conns" "msgs/s" higher pingpong50 msgs_per_s
     pair_row "pingpong 64 B x 50 conns" "server CPU us/msg" lower pingpong50 server_cpu_us_per_msg
     pair_row "pingpong 64 B x 500 conns" "msgs/s" higher pingpong500 msgs_per_s
