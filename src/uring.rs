@@ -584,7 +584,7 @@ impl Worker<'_> {
                     _ => {}
                 }
             }
-            self.preemption.after_wait(ready, self.now);
+            self.preemption.after_wait(ready, cqes.len(), self.now);
             if self.bufs.free < self.reserve {
                 self.reclaim();
             }

@@ -809,7 +809,7 @@ impl<'a> Worker<'a> {
                     t => self.accept_from((t - TOKEN_LISTENER) as usize, true),
                 }
             }
-            self.preemption.after_wait(ready, self.now);
+            self.preemption.after_wait(ready, n, self.now);
             match self.accepting {
                 Accepting::Starved(until) if self.now >= until => self.resume_or_log(),
                 Accepting::Passing(until) if self.now >= until => {
