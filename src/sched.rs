@@ -100,18 +100,23 @@ impl Preemption {
 
     /// Records a wait (an `epoll_wait`, an `io_uring_enter`) that brought
     /// `events` events, of which `ready` were connections with bytes to
-    /// move, at `now` (ms); at the end of a window, `auto` decides.
+    /// move, at `now` (ms); `polled`: it was a busy poll (`busy_poll`),
+    /// which returns at once instead of sleeping. At the end of a window,
+    /// `auto` decides.
     ///
     /// Counted are the waits that brought a ready connection and those that
-    /// brought nothing (a timeout: a quiet worker); not those that brought
-    /// only other events (an accept, a signal, the io_uring worker's send
-    /// completions, which its next enter returns at once after a batch of
-    /// receives and would halve every average).
-    pub(crate) fn after_wait(&mut self, ready: usize, events: usize, now: u64) {
+    /// slept and brought nothing (a timeout: a quiet worker); not those that
+    /// brought only other events (an accept, a signal, the io_uring
+    /// worker's send completions, which its next enter returns at once
+    /// after a batch of receives and would halve every average), nor the
+    /// busy polls that found nothing: a busy-polling worker makes hundreds
+    /// of those between two crowds, which would keep every average below
+    /// the turn.
+    pub(crate) fn after_wait(&mut self, ready: usize, events: usize, polled: bool, now: u64) {
         if !self.auto {
             return;
         }
-        if ready > 0 || events == 0 {
+        if ready > 0 || (events == 0 && !polled) {
             self.waits += 1;
             self.ready += ready as u64;
         }
@@ -232,20 +237,26 @@ mod tests {
             ready: 0,
         };
         for t in 1000..1099 {
-            p.after_wait(50, 60, t);
-            // Waits that brought only other events are not counted.
-            p.after_wait(0, 3, t);
+            p.after_wait(50, 60, false, t);
+            // Waits that brought only other events are not counted, nor
+            // busy polls that brought nothing.
+            p.after_wait(0, 3, false, t);
+            p.after_wait(0, 0, true, t);
+            p.after_wait(0, 0, true, t);
         }
         assert!(!p.batch, "decided before the window ended");
         assert_eq!((p.waits, p.ready), (99, 99 * 50));
-        p.after_wait(50, 50, 1100);
+        p.after_wait(50, 50, false, 1100);
         assert_eq!((p.waits, p.ready, p.since), (0, 0, 1100));
         assert!(p.batch);
         assert_eq!(thread_policy(), libc::SCHED_BATCH);
         // A quiet window: back to the normal policy.
-        p.after_wait(0, 0, 1250);
+        p.after_wait(0, 0, false, 1250);
         assert!(!p.batch);
         assert_eq!(thread_policy(), libc::SCHED_OTHER);
+        // A busy poll that brought a crowd counts as any other wait.
+        p.after_wait(50, 50, true, 1260);
+        assert_eq!((p.waits, p.ready), (1, 50));
     }
 
     /// The calling thread's policy as the kernel shows it (field 41 of

@@ -504,12 +504,13 @@ impl Worker<'_> {
     }
 
     /// The loop turn's one `io_uring_enter`: submits the queued requests
-    /// and waits up to `wait_ms` for a completion, or, while busy polling,
-    /// does not wait: `submit()` then asks the kernel to run the deferred
-    /// completions (`IORING_ENTER_GETEVENTS`) when `IORING_SQ_TASKRUN`
-    /// says there are some, and returns.
-    fn enter(&mut self, wait_ms: u64) -> io::Result<usize> {
-        if self.busy.polling() {
+    /// and waits up to `wait_ms` for a completion, or, while busy polling
+    /// (`polled`: [`BusyPoll::polling`] said so), does not wait: `submit()`
+    /// then asks the kernel to run the deferred completions
+    /// (`IORING_ENTER_GETEVENTS`) when `IORING_SQ_TASKRUN` says there are
+    /// some, and returns.
+    fn enter(&mut self, polled: bool, wait_ms: u64) -> io::Result<usize> {
+        if polled {
             return self.ring.submit();
         }
         let ts = types::Timespec::new()
@@ -526,7 +527,8 @@ impl Worker<'_> {
         loop {
             self.gate.cell().beat(self.now, self.open);
             self.bufs.publish();
-            match self.enter(self.accepting.wait_ms(self.now, next_scan)) {
+            let polled = self.busy.polling();
+            match self.enter(polled, self.accepting.wait_ms(self.now, next_scan)) {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
@@ -584,7 +586,8 @@ impl Worker<'_> {
                     _ => {}
                 }
             }
-            self.preemption.after_wait(ready, cqes.len(), self.now);
+            self.preemption
+                .after_wait(ready, cqes.len(), polled, self.now);
             if self.bufs.free < self.reserve {
                 self.reclaim();
             }

@@ -774,7 +774,8 @@ impl<'a> Worker<'a> {
         let mut next_scan = self.now + tick;
         loop {
             self.gate.cell().beat(self.now, self.open);
-            let timeout = if self.busy.polling() {
+            let polled = self.busy.polling();
+            let timeout = if polled {
                 0
             } else {
                 self.accepting.wait_ms(self.now, next_scan) as u16
@@ -809,7 +810,7 @@ impl<'a> Worker<'a> {
                     t => self.accept_from((t - TOKEN_LISTENER) as usize, true),
                 }
             }
-            self.preemption.after_wait(ready, n, self.now);
+            self.preemption.after_wait(ready, n, polled, self.now);
             match self.accepting {
                 Accepting::Starved(until) if self.now >= until => self.resume_or_log(),
                 Accepting::Passing(until) if self.now >= until => {

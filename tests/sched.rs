@@ -188,3 +188,33 @@ fn an_inherited_idle_policy_is_kept() {
     echo_once(e.addr(), b"idle but serving\r\n");
     e.assert_no_errors();
 }
+
+/// `auto` with `busy_poll`: the polls that return at once with nothing
+/// while the worker spins are not wake-ups, and must not count as the waits
+/// of a quiet worker; a crowd on every wake-up turns a busy-polling worker
+/// to `SCHED_BATCH` as it does one that sleeps. (They did count: a window
+/// of a few crowds and hundreds of empty polls averaged far below 2.5, so
+/// `auto` never left `SCHED_OTHER` with `busy_poll` set.)
+fn auto_with_busy_poll(io: &str) {
+    let e = Echod::start(&config(&format!(
+        "workers = 1\nio = \"{io}\"\nbusy_poll = \"200us\""
+    )));
+    let worker = e.workers()[0];
+    let mut conns: Vec<TcpStream> = (0..CROWD).map(|_| connect(e.addr())).collect();
+    let seen = crowd_until(worker, &mut conns, SCHED_BATCH);
+    assert_eq!(
+        seen, SCHED_BATCH,
+        "{io}, busy_poll = \"200us\": {CROWD} ready connections per wake-up for {PATIENCE:?} did not turn the worker to SCHED_BATCH"
+    );
+    e.assert_no_errors();
+}
+
+#[test]
+fn auto_with_busy_poll_on_epoll() {
+    auto_with_busy_poll("epoll");
+}
+
+#[test]
+fn auto_with_busy_poll_on_io_uring() {
+    auto_with_busy_poll("io_uring");
+}
