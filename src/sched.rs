@@ -57,6 +57,11 @@ pub(crate) struct Preemption {
     auto: bool,
     /// Whether the worker runs as `SCHED_BATCH` now.
     batch: bool,
+    /// `SCHED_RESET_ON_FORK` if the worker has it, else 0: or-ed into
+    /// every switch, which would clear it otherwise (and, unprivileged, be
+    /// refused for trying). Only `--single-process` can have it: the
+    /// kernel clears it in a forked child.
+    reset_on_fork: libc::c_int,
     /// Start of the current window, in the worker's `now_ms` clock.
     since: u64,
     /// Waits and ready connections counted in the current window.
@@ -72,11 +77,16 @@ impl Preemption {
         let mut p = Preemption {
             auto: false,
             batch: false,
+            reset_on_fork: 0,
             since: now,
             waits: 0,
             ready: 0,
         };
-        match current() {
+        let policy = current();
+        if let Some(policy) = policy {
+            p.reset_on_fork = policy & libc::SCHED_RESET_ON_FORK;
+        }
+        match policy.map(|policy| policy & !libc::SCHED_RESET_ON_FORK) {
             Some(libc::SCHED_OTHER) => {}
             Some(libc::SCHED_BATCH) => p.batch = true,
             Some(other) => {
@@ -144,7 +154,7 @@ impl Preemption {
         // SAFETY: `param` is an initialised `sched_param` that outlives the
         // call, which only reads it; pid 0 is the calling thread (the
         // worker's only one).
-        if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        if unsafe { libc::sched_setscheduler(0, policy | self.reset_on_fork, &param) } != 0 {
             log::warn!(
                 "cannot set scheduling policy {}: {}; keeping the current one",
                 name(policy),
@@ -187,7 +197,8 @@ fn name(policy: libc::c_int) -> String {
     }
 }
 
-/// The calling thread's policy, `None` (logged) if the kernel will not say.
+/// The calling thread's policy, with `SCHED_RESET_ON_FORK` or-ed in when it
+/// is set; `None` (logged) if the kernel will not say.
 fn current() -> Option<libc::c_int> {
     // SAFETY: no pointer is passed; pid 0 is the calling thread.
     let policy = unsafe { libc::sched_getscheduler(0) };
@@ -198,8 +209,7 @@ fn current() -> Option<libc::c_int> {
         );
         return None;
     }
-    // SCHED_RESET_ON_FORK is or-ed into the policy when it is set.
-    Some(policy & !libc::SCHED_RESET_ON_FORK)
+    Some(policy)
 }
 
 #[cfg(test)]
@@ -232,6 +242,7 @@ mod tests {
         let mut p = Preemption {
             auto: true,
             batch: false,
+            reset_on_fork: 0,
             since: 1000,
             waits: 0,
             ready: 0,

@@ -218,3 +218,48 @@ fn auto_with_busy_poll_on_epoll() {
 fn auto_with_busy_poll_on_io_uring() {
     auto_with_busy_poll("io_uring");
 }
+
+/// `--single-process` started unprivileged under `SCHED_OTHER` with
+/// `SCHED_RESET_ON_FORK` (as `chrt --reset-on-fork --other 0`, or systemd's
+/// `CPUSchedulingResetOnFork=yes`, would): the process manages its own
+/// policy, and the flag, which an unprivileged process may not clear, is
+/// kept across the switch. (It was dropped from the call, so the kernel
+/// refused every switch with EPERM: a warning, and `auto` gave up.)
+#[test]
+fn single_process_keeps_reset_on_fork() {
+    let reset = libc::SCHED_RESET_ON_FORK;
+    let text = config("workers = 1");
+    let mut start = Start::config(&text)
+        .arg("--single-process")
+        .sched_policy(SCHED_OTHER | reset);
+    // SAFETY: geteuid(2) takes no argument and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        // Unprivileged, as a user nothing else runs as: root (with
+        // CAP_SYS_NICE) would be allowed to clear the flag.
+        start = start.uid(27_000 + std::process::id() % 10_000);
+    }
+    let e = start.spawn();
+    // SAFETY: sched_getscheduler(2) on the pid this test started; no
+    // pointer is passed.
+    let full = || unsafe { libc::sched_getscheduler(e.pid) };
+    assert_eq!(full(), SCHED_OTHER | reset, "echod's policy at start");
+    let mut conns: Vec<TcpStream> = (0..CROWD).map(|_| connect(e.addr())).collect();
+    let seen = crowd_until(e.pid, &mut conns, SCHED_BATCH);
+    assert_eq!(
+        seen,
+        SCHED_BATCH,
+        "a crowd did not turn the --single-process echod to SCHED_BATCH:\n{}",
+        e.log()
+    );
+    assert_eq!(
+        full(),
+        SCHED_BATCH | reset,
+        "SCHED_RESET_ON_FORK was lost in the switch"
+    );
+    assert!(
+        !e.log().contains("cannot set scheduling policy"),
+        "a switch was refused:\n{}",
+        e.log()
+    );
+    e.assert_no_errors();
+}

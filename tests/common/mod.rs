@@ -98,8 +98,10 @@ pub struct Start<'a> {
     /// root echod whose config checks pass and whose children cannot
     /// switch users.
     pub without_setuid_caps: bool,
-    /// Start echod under `SCHED_IDLE`, as `chrt --idle 0` would.
-    pub sched_idle: bool,
+    /// Start echod under this scheduling policy (with priority 0), as
+    /// `chrt` would: `SCHED_IDLE`, or `SCHED_OTHER | SCHED_RESET_ON_FORK`
+    /// (`chrt --reset-on-fork --other 0`).
+    pub sched_policy: Option<libc::c_int>,
 }
 
 impl<'a> Start<'a> {
@@ -113,11 +115,14 @@ impl<'a> Start<'a> {
             nproc: None,
             uid: None,
             without_setuid_caps: false,
-            sched_idle: false,
+            sched_policy: None,
         }
     }
-    pub fn sched_idle(mut self) -> Self {
-        self.sched_idle = true;
+    pub fn sched_idle(self) -> Self {
+        self.sched_policy(libc::SCHED_IDLE)
+    }
+    pub fn sched_policy(mut self, policy: libc::c_int) -> Self {
+        self.sched_policy = Some(policy);
         self
     }
     pub fn without_setuid_caps(mut self) -> Self {
@@ -201,16 +206,16 @@ impl Echod {
         if s.without_setuid_caps {
             without_setuid_caps(&mut cmd);
         }
-        if s.sched_idle {
+        if let Some(policy) = s.sched_policy {
             use std::os::unix::process::CommandExt;
             // SAFETY: the closure runs in the forked child before exec and
             // only calls sched_setscheduler(2) (a plain syscall, so
             // async-signal-safe) on the child itself, with a `sched_param`
             // that lives through the call.
             unsafe {
-                cmd.pre_exec(|| {
+                cmd.pre_exec(move || {
                     let param = libc::sched_param { sched_priority: 0 };
-                    if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+                    if libc::sched_setscheduler(0, policy, &param) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
