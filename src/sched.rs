@@ -191,8 +191,10 @@ fn name(policy: libc::c_int) -> String {
         libc::SCHED_RR => "SCHED_RR".to_owned(),
         libc::SCHED_BATCH => "SCHED_BATCH".to_owned(),
         libc::SCHED_IDLE => "SCHED_IDLE".to_owned(),
-        // SCHED_DEADLINE, which libc does not name.
+        // SCHED_DEADLINE and SCHED_EXT (Linux 6.12), which libc does not
+        // name.
         6 => "SCHED_DEADLINE".to_owned(),
+        7 => "SCHED_EXT".to_owned(),
         other => format!("number {other}"),
     }
 }
