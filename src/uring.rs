@@ -217,6 +217,18 @@ impl BufRing {
         }
     }
 
+    /// Appends the bytes of `chunk` from `from` on to `to`, and hands its
+    /// ring buffer, if it has one, back to the kernel.
+    fn copy_out(&mut self, chunk: Chunk, from: usize, to: &mut Vec<u8>) {
+        match chunk {
+            Chunk::Ring { bid, len } => {
+                to.extend_from_slice(&self.buf(bid)[from..len as usize]);
+                self.give(bid);
+            }
+            Chunk::Own(v) => to.extend_from_slice(&v[from..]),
+        }
+    }
+
     /// Hands buffer `bid` back to the kernel (visible at [`Self::publish`]).
     fn give(&mut self, bid: u16) {
         self.owner[bid as usize] = NO_OWNER;
@@ -333,9 +345,8 @@ impl Chunk {
 ///
 /// Invariants: a send of `front[sent..]` is in flight exactly when `front`
 /// is `Some`, and the memory it reads (a ring buffer or `Own` bytes) is not
-/// touched until its completion; `waiting` is empty when `front` is
-/// `None`; `held` is the number of bytes of `front` and `waiting` not yet
-/// sent; each ring buffer in `front` or `waiting` has this slot as its
+/// touched until its completion; `waiting` is `None` when `front` is
+/// `None`; each ring buffer in `front` or `waiting` has this slot as its
 /// [`BufRing::owner`].
 struct Conn {
     stream: TcpStream,
@@ -350,10 +361,9 @@ struct Conn {
     front: Option<Chunk>,
     /// Bytes of `front` already sent.
     sent: usize,
-    /// What arrived while a send was in flight, in order: one chunk at
-    /// most, since a receive is armed only when nothing waits.
-    waiting: VecDeque<Chunk>,
-    held: usize,
+    /// What arrived while a send was in flight: one chunk at most, since
+    /// a receive is armed only when nothing waits.
+    waiting: Option<Chunk>,
     /// The last receive left the socket empty: the next one waits for
     /// data before it tries (`IORING_RECVSEND_POLL_FIRST`), as with a
     /// client that sends its next message only once it has its echo.
@@ -885,8 +895,7 @@ impl Worker<'_> {
             recv_armed: false,
             front: None,
             sent: 0,
-            waiting: VecDeque::new(),
-            held: 0,
+            waiting: None,
             drained: false,
             send_at: 0,
             reclaim: false,
@@ -938,7 +947,8 @@ impl Worker<'_> {
         if c.closed || c.eof || c.recv_armed {
             return;
         }
-        if !(c.waiting.is_empty() && c.held <= self.config.buffer_size) {
+        let unsent = c.front.as_ref().map_or(0, |f| f.len() - c.sent);
+        if c.waiting.is_some() || unsent > self.config.buffer_size {
             return;
         }
         if self.bufs.free == 0 {
@@ -992,7 +1002,6 @@ impl Worker<'_> {
             (1.., Some(bid)) if !c.closed => {
                 c.last_active = self.now;
                 c.acked.forget();
-                c.held += res as usize;
                 c.drained = (res as usize) < self.bufs.buf_len && !cqueue::sock_nonempty(flags);
                 let chunk = Chunk::Ring {
                     bid,
@@ -1004,7 +1013,9 @@ impl Worker<'_> {
                     c.sent = 0;
                     self.send_front(idx);
                 } else {
-                    c.waiting.push_back(chunk);
+                    // `rearm` armed this receive only with nothing waiting.
+                    debug_assert!(c.waiting.is_none());
+                    c.waiting = Some(chunk);
                 }
             }
             (1.., None) => {
@@ -1085,13 +1096,12 @@ impl Worker<'_> {
             c.acked.forget();
         }
         c.sent += done;
-        c.held -= done;
         if c.sent < front.len() {
             c.front = Some(front);
         } else {
             self.bufs.give_chunk(&front);
             c.sent = 0;
-            c.front = c.waiting.pop_front();
+            c.front = c.waiting.take();
         }
         if reclaim {
             self.spill(idx, true);
@@ -1109,43 +1119,37 @@ impl Worker<'_> {
         }
     }
 
-    /// Copies what connection `idx` holds in ring buffers into one buffer
-    /// of its own, and gives the ring buffers back: what waits behind the
-    /// send in flight, and with `front` (whose send must not be in flight)
-    /// what is left of the front chunk too. The copy goes where the data
-    /// was: at the front, or behind the send in flight.
+    /// Copies what connection `idx` holds in ring buffers into memory of
+    /// its own, and gives the ring buffers back: the chunk that waits
+    /// behind the send in flight, and with `front` (whose send must not be
+    /// in flight) what is left of the front chunk too, joined with the
+    /// waiting chunk into one. The copy goes where the data was: at the
+    /// front, or behind the send in flight.
     fn spill(&mut self, idx: usize, front: bool) {
         let Some(Some(c)) = self.conns.get_mut(idx) else {
             return;
         };
-        let in_flight = c.front.as_ref().map_or(0, |f| f.len() - c.sent);
-        let head = if front { c.front.take() } else { None };
-        let from = if head.is_some() {
-            std::mem::take(&mut c.sent)
-        } else {
-            0
-        };
-        let mut own = Vec::with_capacity(if front { c.held } else { c.held - in_flight });
-        let skip = [from].into_iter().chain(std::iter::repeat(0));
-        for (chunk, from) in head.into_iter().chain(c.waiting.drain(..)).zip(skip) {
-            match chunk {
-                Chunk::Ring { bid, len } => {
-                    own.extend_from_slice(&self.bufs.buf(bid)[from..len as usize]);
-                    self.bufs.give(bid);
-                }
-                Chunk::Own(v) => {
-                    own.extend_from_slice(&v[from..]);
-                }
+        if !front {
+            if let Some(Chunk::Ring { bid, len }) = c.waiting {
+                c.waiting = Some(Chunk::Own(self.bufs.buf(bid)[..len as usize].to_vec()));
+                self.bufs.give(bid);
             }
-        }
-        if own.is_empty() {
             return;
         }
-        if front {
-            c.front = Some(Chunk::Own(own));
-        } else {
-            c.waiting.push_back(Chunk::Own(own));
+        // Nothing waits behind an empty front.
+        let Some(head) = c.front.take() else {
+            return;
+        };
+        let from = std::mem::take(&mut c.sent);
+        let tail = c.waiting.take();
+        let mut own = Vec::with_capacity(head.len() - from + tail.as_ref().map_or(0, Chunk::len));
+        self.bufs.copy_out(head, from, &mut own);
+        if let Some(tail) = tail {
+            self.bufs.copy_out(tail, 0, &mut own);
         }
+        // A front chunk always has bytes left to send (see `on_send`).
+        debug_assert!(!own.is_empty());
+        c.front = Some(Chunk::Own(own));
     }
 
     /// Takes ring buffers back when few are free, so that connections that
@@ -1171,7 +1175,7 @@ impl Worker<'_> {
                 // Its send fails at once (shut down); nothing waits.
                 continue;
             }
-            if c.waiting.iter().any(|w| matches!(w, Chunk::Ring { .. })) {
+            if matches!(c.waiting, Some(Chunk::Ring { .. })) {
                 spilled += 1;
                 self.spill(idx, false);
             }
@@ -1237,8 +1241,7 @@ impl Worker<'_> {
             // and costs no io-wq thread.
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
-        c.held = 0;
-        for chunk in c.waiting.drain(..) {
+        if let Some(chunk) = c.waiting.take() {
             self.bufs.give_chunk(&chunk);
         }
         if c.recv_armed {
