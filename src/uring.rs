@@ -404,8 +404,6 @@ struct Worker<'a> {
     starved: Vec<usize>,
     /// Free buffers below which [`Worker::reclaim`] runs.
     reserve: usize,
-    /// Scratch list of [`Worker::reclaim`].
-    holders: Vec<usize>,
     now: u64,
     busy: BusyPoll,
     preemption: Preemption,
@@ -438,7 +436,6 @@ pub fn run(
         open: 0,
         starved: Vec::new(),
         reserve,
-        holders: Vec::new(),
         now: now_ms(),
         busy: BusyPoll::new(config),
         preemption: Preemption::new(config, now_ms()),
@@ -1161,13 +1158,15 @@ impl Worker<'_> {
     /// stream whose client reads would be cancelled too: a turn ends at
     /// the first completion of any connection.)
     fn reclaim(&mut self) {
-        let mut holders = std::mem::take(&mut self.holders);
-        holders.clear();
-        holders.extend(self.bufs.owner.iter().copied().filter(|&o| o != NO_OWNER));
-        holders.sort_unstable();
-        holders.dedup();
         let (mut spilled, mut cancelled) = (0, 0);
-        for &idx in &holders {
+        // By buffer: a connection that holds two comes up twice, and the
+        // second time finds nothing left to do (what waited is copied
+        // already; its send was marked the first time, or is not stuck).
+        for bid in 0..self.bufs.owner.len() {
+            let idx = self.bufs.owner[bid];
+            if idx == NO_OWNER {
+                continue;
+            }
             let Some(Some(c)) = self.conns.get_mut(idx) else {
                 continue;
             };
@@ -1200,7 +1199,6 @@ impl Worker<'_> {
                 self.bufs.entries,
             );
         }
-        self.holders = holders;
     }
 
     /// Closes connection `idx` as far as the client is concerned: its
