@@ -404,6 +404,11 @@ struct Worker<'a> {
     starved: Vec<usize>,
     /// Free buffers below which [`Worker::reclaim`] runs.
     reserve: usize,
+    /// `now` at the last [`Worker::reclaim`], as long as no receive has
+    /// taken a ring buffer since: until the clock moves, another would find
+    /// nothing to do (what waited then is copied, the sends stuck then are
+    /// marked, and a send issued since started at `now`).
+    reclaimed: Option<u64>,
     now: u64,
     busy: BusyPoll,
     preemption: Preemption,
@@ -436,6 +441,7 @@ pub fn run(
         open: 0,
         starved: Vec::new(),
         reserve,
+        reclaimed: None,
         now: now_ms(),
         busy: BusyPoll::new(config),
         preemption: Preemption::new(config, now_ms()),
@@ -595,7 +601,7 @@ impl Worker<'_> {
             }
             self.preemption
                 .after_wait(ready, cqes.len(), polled, self.now);
-            if self.bufs.free < self.reserve {
+            if self.bufs.free < self.reserve && self.reclaimed != Some(self.now) {
                 self.reclaim();
             }
             if !self.starved.is_empty() && self.bufs.free > 0 {
@@ -986,6 +992,7 @@ impl Worker<'_> {
         let picked = cqueue::buffer_select(flags);
         if let Some(bid) = picked {
             self.bufs.take(bid, idx);
+            self.reclaimed = None;
         }
         let Some(Some(c)) = self.conns.get_mut(idx) else {
             if let Some(bid) = picked {
@@ -1199,6 +1206,7 @@ impl Worker<'_> {
                 self.bufs.entries,
             );
         }
+        self.reclaimed = Some(self.now);
     }
 
     /// Closes connection `idx` as far as the client is concerned: its
