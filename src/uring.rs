@@ -1340,3 +1340,26 @@ fn peer_of(stream: &TcpStream) -> String {
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "a client".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_out_takes_the_rest_of_a_chunk_and_gives_its_buffer_back() {
+        let mut bufs = BufRing::new(1024).unwrap();
+        let entries = bufs.entries as usize;
+        assert_eq!(bufs.free, entries);
+        bufs.take(3, 7);
+        let at = 3 * bufs.buf_len;
+        bufs.data[at..at + 5].copy_from_slice(b"hello");
+        let mut own = Vec::new();
+        bufs.copy_out(Chunk::Ring { bid: 3, len: 5 }, 2, &mut own);
+        assert_eq!(own, b"llo");
+        assert_eq!(bufs.owner[3], NO_OWNER);
+        assert_eq!(bufs.free, entries);
+        bufs.copy_out(Chunk::Own(b"abc".to_vec()), 1, &mut own);
+        assert_eq!(own, b"llobc");
+        assert_eq!(bufs.free, entries);
+    }
+}
