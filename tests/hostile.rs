@@ -2630,3 +2630,120 @@ fn io_uring_non_reading_clients_cannot_drain_the_buffer_pool() {
     }
     e.assert_no_errors();
 }
+
+// ---------------------------------------------------------------------------
+// 7. The worker loops' own paths: the accept cap, a full worker's resume
+//    after a pause, the pipe after a failed splice.
+// ---------------------------------------------------------------------------
+
+/// A config with one worker, logging at debug level (for the per-connection
+/// lines), plus `extra` keys.
+fn debug_config(mode: &str, extra: &str) -> String {
+    let io = if mode == "io_uring" {
+        "mode = \"prefork\"\nio = \"io_uring\""
+    } else {
+        "mode = \"prefork\""
+    };
+    format!(
+        "listen = [\"127.0.0.1:0\"]\n{io}\nworkers = 1\n{extra}\n\
+         [log]\ntarget = \"stderr\"\nlevel = \"debug\"\n"
+    )
+}
+
+/// The only worker of `e`, once it is in its event loop.
+fn only_worker(e: &Echod) -> i32 {
+    assert!(e.wait_workers_up(1, LIMIT), "workers not up:\n{}", e.log());
+    e.workers()[0]
+}
+
+/// Stops `pid` with `SIGSTOP` and waits until it is stopped.
+fn stop(pid: i32) {
+    kill(pid, libc::SIGSTOP);
+    assert!(
+        wait_until(LIMIT, || state(pid) == Some('T')),
+        "{pid} did not stop: {:?}",
+        state(pid)
+    );
+}
+
+/// `prefork_accept_flood_yields_to_connections_and_signals`: 600
+/// connections queue up while the one epoll worker is stopped; then an
+/// established client sends a message and shuts its side, and the worker
+/// gets `SIGUSR1`, both behind the flood in epoll's ready list. Once the
+/// worker is continued, the client's echo and end of stream, and the
+/// signal, are handled after at most three accept calls' worth of
+/// connections (64 each, `ACCEPTS_PER_CALL`), not after the whole queue:
+/// the order of the worker's own log lines shows it, with no clock
+/// involved. Every queued connection is still accepted, and served.
+///
+/// Without the cap the worker accepts until `EAGAIN`: all 600 lines come
+/// first (a flood that keeps the queue full would keep it there for good).
+#[test]
+fn prefork_accept_flood_yields_to_connections_and_signals() {
+    const FLOOD: usize = 600;
+    const CAP: usize = 64;
+    // worker_timeout = 0: the master must not take the stopped worker for
+    // a hung one.
+    let e = Echod::start(&debug_config(
+        "prefork",
+        "idle_timeout = 0\nworker_timeout = 0\nbacklog = 1024\nbalance = false",
+    ));
+    let worker = only_worker(&e);
+    let addr = e.addr();
+    // The established client, from its own address so its lines stand out.
+    let mut client = connect_from(ip(2), addr, LIMIT).expect("connect the client");
+    echo_on(&mut client, b"before the flood", "the established client");
+    let client_port = client.local_addr().unwrap().port();
+
+    stop(worker);
+    let flood: Vec<TcpStream> = (0..FLOOD)
+        .map(|i| {
+            connect_from(ip(1), addr, LIMIT)
+                .unwrap_or_else(|err| panic!("flood connection {i}: {err}"))
+        })
+        .collect();
+    client.write_all(b"after the flood").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    kill(worker, libc::SIGUSR1);
+    kill(worker, libc::SIGCONT);
+
+    let mut back = Vec::new();
+    client.set_read_timeout(Some(LIMIT)).unwrap();
+    client
+        .read_to_end(&mut back)
+        .unwrap_or_else(|err| panic!("the established client's echo: {err}\n{}", e.log()));
+    assert_eq!(back, b"after the flood");
+
+    let client_closed = format!("connection from 127.0.0.2:{client_port} closed");
+    let reopened = "SIGUSR1: log reopened";
+    let accepted = |log: &str| log.matches("connection from 127.0.0.1:").count();
+    assert!(
+        wait_until(LIMIT, || {
+            let log = e.log();
+            accepted(&log) >= FLOOD && log.contains(&client_closed) && log.contains(reopened)
+        }),
+        "not every line came: {} of {FLOOD} accepted\n{}",
+        accepted(&e.log()),
+        e.log()
+    );
+    // The flood's accept lines before the client's close and the signal.
+    let log = e.log();
+    let before = |needle: &str| accepted(&log[..log.find(needle).unwrap()]);
+    let (before_close, before_signal) = (before(&client_closed), before(reopened));
+    eprintln!(
+        "{before_close} of {FLOOD} queued connections accepted before the client's close, \
+         {before_signal} before SIGUSR1"
+    );
+    assert!(
+        before_close <= 3 * CAP && before_signal <= 3 * CAP,
+        "the worker accepted {before_close} queued connections before it served the \
+         established client, {before_signal} before it handled SIGUSR1 (at most {} expected)",
+        3 * CAP
+    );
+    // And the flood is served in turn.
+    for (i, mut s) in flood.into_iter().enumerate().step_by(50) {
+        echo_on(&mut s, b"flooded", &format!("flood connection {i}"));
+    }
+    assert_eq!(e.workers(), vec![worker], "{}", e.log());
+    e.assert_no_errors();
+}
