@@ -2747,3 +2747,74 @@ fn prefork_accept_flood_yields_to_connections_and_signals() {
     assert_eq!(e.workers(), vec![worker], "{}", e.log());
     e.assert_no_errors();
 }
+
+/// The body of the reject-resume tests: one worker with `max_connections =
+/// 2` and `overload = "reject"` holds two connections, and its soft
+/// `RLIMIT_NOFILE` is lowered (while it runs) to what it holds: a third
+/// client makes `accept` fail with `EMFILE`, and the worker pauses
+/// accepting, at the cap. The limit is raised again: at the end of the
+/// pause the worker must listen again and refuse the waiting client at
+/// once (it is full, and `"reject"` says so), not stop accepting as an
+/// `overload = "wait"` worker does, which would leave the client waiting
+/// until a connection closes. The two connections keep echoing, and once
+/// one closes a new client is served again.
+fn full_worker_under_reject_resumes_after_a_pause(mode: &str) {
+    let e = Echod::start(&debug_config(
+        mode,
+        "max_connections = 2\noverload = \"reject\"\nidle_timeout = 0\nsplice = false",
+    ));
+    let worker = only_worker(&e);
+    let addr = e.addr();
+    let mut c1 = connect(addr);
+    echo_on(&mut c1, b"one", "1st connection");
+    let mut c2 = connect(addr);
+    echo_on(&mut c2, b"two", "2nd connection");
+    set_nofile(worker, lowest_free_fd(worker));
+    // The epoll worker's accept of this client fails. (The io_uring
+    // worker's accept request in flight took its descriptor limit when it
+    // was submitted: it takes this client and refuses it, and the next
+    // request fails at once, since io_uring reserves the descriptor before
+    // it waits for a connection.)
+    let mut c3 = connect(addr);
+    let paused = "pausing accepts for 100 ms (2 connections open)";
+    assert!(e.wait_log(paused, LIMIT), "no {paused:?} in:\n{}", e.log());
+    // A client that comes during the pause waits in the backlog.
+    let mut c4 = connect(addr);
+    set_nofile(worker, 1024);
+    for (name, c) in [("3rd", &mut c3), ("4th", &mut c4)] {
+        let closed = wait_closed(c, LIMIT);
+        assert!(
+            closed.is_some(),
+            "{mode}: the {name} client, which waited through a pause at max_connections, \
+             was never refused (the worker stopped accepting instead of listening on under \
+             \"reject\"):\n{}",
+            e.log()
+        );
+    }
+    assert!(
+        e.log().contains("max_connections (2) reached: refusing"),
+        "{}",
+        e.log()
+    );
+    echo_on(&mut c1, b"one again", "1st connection");
+    echo_on(&mut c2, b"two again", "2nd connection");
+    drop(c1);
+    connect_when_admitted(ip(1), addr, LIMIT)
+        .unwrap_or_else(|err| panic!("no connection admitted after a close: {err}\n{}", e.log()));
+    assert_eq!(e.workers(), vec![worker], "{}", e.log());
+    e.assert_no_errors();
+}
+
+/// `prefork_full_worker_under_reject_resumes_after_a_pause`: see
+/// [`full_worker_under_reject_resumes_after_a_pause`], on the epoll worker.
+#[test]
+fn prefork_full_worker_under_reject_resumes_after_a_pause() {
+    full_worker_under_reject_resumes_after_a_pause("prefork");
+}
+
+/// `io_uring_full_worker_under_reject_resumes_after_a_pause`: the same on
+/// the io_uring worker, whose accept completes with `EMFILE`.
+#[test]
+fn io_uring_full_worker_under_reject_resumes_after_a_pause() {
+    full_worker_under_reject_resumes_after_a_pause("io_uring");
+}
