@@ -2818,3 +2818,59 @@ fn prefork_full_worker_under_reject_resumes_after_a_pause() {
 fn io_uring_full_worker_under_reject_resumes_after_a_pause() {
     full_worker_under_reject_resumes_after_a_pause("io_uring");
 }
+
+/// `prefork_a_reset_between_the_two_splices_leaks_no_bytes`: a client
+/// whose messages go through the worker's pipe (its last one was 4 KiB or
+/// more) sends 16 KiB and resets the connection while the worker is
+/// stopped. Continued, the worker splices the 16 KiB (still queued after
+/// the reset) into its pipe and fails to splice them back out (the peer is
+/// gone): the bytes left in the pipe must be discarded. The next client
+/// whose message goes through the pipe gets exactly its own bytes back,
+/// not the other client's.
+#[test]
+fn prefork_a_reset_between_the_two_splices_leaks_no_bytes() {
+    let e = Echod::start(&debug_config(
+        "prefork",
+        "splice = true\nbuffer_size = 65536\nidle_timeout = 0\nworker_timeout = 0",
+    ));
+    let worker = only_worker(&e);
+    let addr = e.addr();
+    // A's first large message goes by read and write, and makes its next
+    // one go through the pipe.
+    let mut a = connect(addr);
+    echo_on(&mut a, &[b'a'; 8192], "A's first large message");
+    stop(worker);
+    a.write_all(&[b'A'; 16384]).unwrap();
+    reset(a);
+    kill(worker, libc::SIGCONT);
+    let gone = "closed (Reset); 8192 bytes echoed";
+    assert!(
+        e.wait_log(gone, LIMIT),
+        "no {gone:?}: the worker did not fail on A's second message as this test \
+         needs:\n{}",
+        e.log()
+    );
+    // B: one large message by read and write, then two through the pipe.
+    let mut b = connect(addr);
+    echo_on(&mut b, &payload(1, 8192), "B's first large message");
+    for i in 0..2 {
+        let msg = payload(2 + i, 16384);
+        let back = roundtrip(&mut b, &msg).unwrap_or_else(|err| panic!("B: {err}"));
+        let foreign = back.iter().filter(|&&c| c == b'A').count();
+        assert!(
+            back == msg,
+            "B's spliced message {i} came back with other bytes ({foreign} of A's \
+             'A's among them)\n{}",
+            e.log()
+        );
+    }
+    drop(b);
+    let spliced = "bytes echoed, 32768 through the pipe";
+    assert!(
+        e.wait_log(spliced, LIMIT),
+        "B's messages did not go through the pipe, so this test did not test it:\n{}",
+        e.log()
+    );
+    assert!(!e.log().contains("emptying the splice pipe"), "{}", e.log());
+    e.assert_no_errors();
+}
