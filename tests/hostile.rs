@@ -1161,10 +1161,28 @@ fn prefork_killed_workers_per_ip_counts_are_released() {
 /// echoed in turn, and then a new client is served, by the same worker.
 #[test]
 fn prefork_worker_survives_descriptor_exhaustion() {
+    worker_survives_descriptor_exhaustion("prefork");
+}
+
+/// `io_uring_worker_survives_descriptor_exhaustion`: the same with the
+/// io_uring worker, whose accept requests complete with `EMFILE` at once
+/// (io_uring reserves the descriptor before it waits for a connection):
+/// it must pause rather than submit the next one at once, and resume as
+/// its connections close.
+#[test]
+fn io_uring_worker_survives_descriptor_exhaustion() {
+    worker_survives_descriptor_exhaustion("io_uring");
+}
+
+/// The body of the descriptor-exhaustion tests.
+fn worker_survives_descriptor_exhaustion(mode: &str) {
     const CLIENTS: usize = 120;
-    let d = Start::config(&config("workers = 1\nidle_timeout = 0\nbacklog = 511"))
-        .nofile(64)
-        .spawn();
+    let d = Start::config(&mode_config(
+        mode,
+        "workers = 1\nidle_timeout = 0\nbacklog = 511",
+    ))
+    .nofile(64)
+    .spawn();
     let addr = d.addr();
     let mut worker = Vec::new();
     assert!(
