@@ -1066,7 +1066,7 @@ impl<'a> Worker<'a> {
                 EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
                 TOKEN_LISTENER + i as u64,
             );
-            if let Err(e) = self.epoll.add(l, ev) {
+            if let Err(e) = injected_add_failure(i).map_or_else(|| self.epoll.add(l, ev), Err) {
                 for added in &self.listeners[..i] {
                     let _ = self.epoll.delete(added);
                 }
@@ -1132,6 +1132,17 @@ impl<'a> Worker<'a> {
         }
         log::info!("draining {} connections", self.open);
     }
+}
+
+/// Test hook, not documented for users: while the file named by
+/// `ECHOD_TEST_FAIL_LISTENER_ADD` exists, registering any listener but the
+/// first in epoll fails with `ENOSPC` (as at `fs.epoll.max_user_watches`),
+/// so the integration tests can watch a resume that fails half-way, which
+/// nothing else makes happen to one process alone. Asked only when a
+/// worker registers its listeners (at start and at each resume).
+fn injected_add_failure(i: usize) -> Option<Errno> {
+    let flag = std::env::var_os("ECHOD_TEST_FAIL_LISTENER_ADD")?;
+    (i > 0 && std::path::Path::new(&flag).exists()).then_some(Errno::ENOSPC)
 }
 
 /// Whether a worker holding `open` connections stops accepting: at
