@@ -2892,3 +2892,146 @@ fn prefork_a_reset_between_the_two_splices_leaks_no_bytes() {
     assert!(!e.log().contains("emptying the splice pipe"), "{}", e.log());
     e.assert_no_errors();
 }
+
+/// The descriptors of `pid`, by number, with their targets.
+fn fds_by_number(pid: i32) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in dir.flatten() {
+            let (Some(n), Ok(t)) = (
+                e.file_name().to_str().and_then(|n| n.parse().ok()),
+                std::fs::read_link(e.path()),
+            ) else {
+                continue;
+            };
+            out.push((n, t.to_string_lossy().into_owned()));
+        }
+    }
+    out
+}
+
+/// The descriptor numbers registered in `pid`'s epoll instance (the `tfd:`
+/// lines of its `/proc/PID/fdinfo`).
+fn epoll_registered(pid: i32) -> Vec<i32> {
+    let (epfd, _) = fds_by_number(pid)
+        .into_iter()
+        .find(|(_, t)| t.contains("eventpoll"))
+        .unwrap_or_else(|| panic!("{pid} has no epoll descriptor"));
+    std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{epfd}"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("tfd:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// `prefork_a_resume_that_fails_half_way_registers_no_listener`: a worker
+/// with two listeners pauses accepting (`EMFILE`), and when it resumes,
+/// registering the second listener fails (a test hook,
+/// `ECHOD_TEST_FAIL_LISTENER_ADD`, does what `fs.epoll.max_user_watches`
+/// would do machine-wide). The first one, registered just before, must be
+/// taken out again: while the failure lasts, the worker's epoll set
+/// (`/proc/PID/fdinfo`) holds neither listener, and the failure is logged
+/// and retried after a pause. Once registering works again, the worker
+/// listens on both: the client that waited on the first listener is
+/// served, and so is a new one on the second.
+///
+/// Without the rollback the first listener stays registered, the worker
+/// is woken for it while it does not accept, and every later resume fails
+/// with `EEXIST` on it: the worker never accepts again.
+#[test]
+fn prefork_a_resume_that_fails_half_way_registers_no_listener() {
+    let dir = TempDir::new("resume");
+    let flag = dir.path("fail");
+    let text = "listen = [\"127.0.0.1:0\", \"127.0.0.2:0\"]\nmode = \"prefork\"\nworkers = 1\n\
+                idle_timeout = 0\nsplice = false\nworker_timeout = 0\n\
+                [log]\ntarget = \"stderr\"\nlevel = \"info\"\n";
+    let e = Start::config(text)
+        .env("ECHOD_TEST_FAIL_LISTENER_ADD", flag.to_str().unwrap())
+        .spawn();
+    let worker = only_worker(&e);
+    let addrs = e.addrs();
+    assert_eq!(addrs.len(), 2, "{}", e.log());
+    for &a in &addrs {
+        echo_once(a, b"both listeners");
+    }
+    // The worker's listener descriptors, by the port they listen on.
+    let sockets = tcp_sockets();
+    let listener_fds: Vec<i32> = fds_by_number(worker)
+        .into_iter()
+        .filter(|(_, t)| {
+            t.strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']')?.parse::<u64>().ok())
+                .and_then(|inode| sockets.get(&inode))
+                .is_some_and(|s| s.listening() && addrs.iter().any(|a| a.port() == s.local_port))
+        })
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(listener_fds.len(), 2, "{:?}", fds_by_number(worker));
+    let registered = |fds: &[i32]| {
+        let set = epoll_registered(worker);
+        fds.iter().filter(|f| set.contains(f)).count()
+    };
+    assert_eq!(
+        registered(&listener_fds),
+        2,
+        "the listeners are not both in epoll"
+    );
+
+    // A pause: no descriptor for the next connection.
+    set_nofile(worker, lowest_free_fd(worker));
+    std::fs::write(&flag, b"").unwrap();
+    let mut waiting = connect(addrs[0]);
+    waiting.write_all(b"waited").unwrap();
+    assert!(
+        e.wait_log("pausing accepts for 100 ms", LIMIT),
+        "{}",
+        e.log()
+    );
+    set_nofile(worker, 1024);
+    // The resume fails half-way, over and over (the line comes at most once
+    // a second; without the rollback the retries fail with `EEXIST`).
+    let failed = "epoll_ctl(ADD) of a listener: ";
+    assert!(e.wait_log(failed, LIMIT), "no {failed:?} in:\n{}", e.log());
+    // Neither listener is registered in between (a sample may, rarely,
+    // fall within a retry, between its add and its rollback).
+    let mut seen = 0;
+    for _ in 0..5 {
+        seen += usize::from(registered(&listener_fds[..]) > 0);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert!(
+        seen <= 1,
+        "a listener stayed in epoll after a resume failed half-way ({seen} of 5 samples)\n{}",
+        e.log()
+    );
+    assert!(
+        e.log()
+            .contains("epoll_ctl(ADD) of a listener: No space left on device"),
+        "{}",
+        e.log()
+    );
+    std::fs::remove_file(&flag).unwrap();
+    let mut buf = [0u8; 6];
+    waiting.set_read_timeout(Some(LIMIT)).unwrap();
+    waiting.read_exact(&mut buf).unwrap_or_else(|err| {
+        panic!(
+            "the client that waited on the first listener was never served: {err}\n{}",
+            e.log()
+        )
+    });
+    assert_eq!(&buf, b"waited");
+    echo_once(addrs[1], b"the second listener");
+    assert_eq!(
+        registered(&listener_fds),
+        2,
+        "the listeners are not both back"
+    );
+    assert_eq!(e.workers(), vec![worker], "{}", e.log());
+    e.assert_no_errors();
+}
