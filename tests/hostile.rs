@@ -4,9 +4,11 @@
 //! `overload = "wait"` and `"reject"`, `max_connections_per_ip` across
 //! workers), storms of reset connections and a worker killed under them
 //! (nothing may leak), descriptor exhaustion, connection children that
-//! outlive a stop or exit in hundreds, and configuration files that are
+//! outlive a stop or exit in hundreds, configuration files that are
 //! wrong in every way we could think of (a table, and a property test over
-//! arbitrary bytes).
+//! arbitrary bytes), and the worker loops' own paths: the cap on accepts
+//! per call under a queued flood, a full worker's resume under `"reject"`,
+//! a resume that fails half-way, and the splice pipe after a reset.
 //!
 //! The client-facing tests run on the io_uring worker too (`io_uring_*`:
 //! `mode = "prefork"` with `io = "io_uring"`), since it keeps the same
