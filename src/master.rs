@@ -378,8 +378,7 @@ impl Master {
             }
             self.accept_paused_until = None;
         }
-        self.config.overload == Overload::Reject
-            || self.table.connection_children() < self.config.max_connections
+        self.room_for_a_connection()
     }
 
     fn handle_signal(&mut self, sig: i32) {
@@ -722,8 +721,9 @@ impl Master {
     /// listener, the cap, or an error or failed fork that pauses accepting;
     /// forks one child per connection.
     fn accept_connections(&mut self) {
-        let full = self.table.connection_children() >= self.config.max_connections;
-        if self.held.is_some() && full && self.config.overload == Overload::Wait {
+        if !self.room_for_a_connection() {
+            // At the cap with overload = "wait": a held connection waits
+            // until a child exits, as the queued ones do.
             return;
         }
         if let Some(Held {
@@ -732,42 +732,20 @@ impl Master {
             failures,
         }) = self.held.take()
         {
-            if full {
-                // A reload lowered max_connections meanwhile.
-                drop(stream);
-                self.log_refusal(peer, "max_connections reached (overload = \"reject\")");
-            } else {
-                self.fork_connection(stream, peer, failures);
-                if self.held.is_some() {
-                    return;
-                }
+            if !self.dispatch(stream, peer, failures) {
+                return;
             }
         }
         for i in 0..self.listeners.len() {
             for _ in 0..ACCEPT_BATCH {
-                let full = self.table.connection_children() >= self.config.max_connections;
-                if full && self.config.overload == Overload::Wait {
+                if !self.room_for_a_connection() {
                     // Clients wait in the backlog until a child exits.
                     return;
                 }
                 match self.listeners[i].accept() {
-                    Ok((stream, peer)) if full => {
-                        drop(stream);
-                        self.log_refusal(peer, "max_connections reached (overload = \"reject\")");
-                    }
                     Ok((stream, peer)) => {
-                        let cap = self.config.max_connections_per_ip;
-                        let count = self.per_ip.get(&peer.ip()).copied().unwrap_or(0);
-                        if cap > 0 && count >= cap {
-                            drop(stream);
-                            self.log_refusal(peer, "max_connections_per_ip reached");
-                        } else {
-                            self.fork_connection(stream, peer, 0);
-                            if self.held.is_some() {
-                                // The fork failed: accept nothing more
-                                // until the held connection has its child.
-                                return;
-                            }
+                        if !self.dispatch(stream, peer, 0) {
+                            return;
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -805,6 +783,41 @@ impl Master {
                 }
             }
         }
+    }
+
+    /// Fork mode: whether a connection may be taken now (accepted, or the
+    /// held one forked for): below `max_connections`, or at it with
+    /// `overload = "reject"`, which takes a connection to close it.
+    fn room_for_a_connection(&self) -> bool {
+        self.config.overload == Overload::Reject
+            || self.table.connection_children() < self.config.max_connections
+    }
+
+    /// Fork mode: one connection, just accepted (`failures` 0) or held
+    /// after `failures` failed forks, is refused at a cap or given a child.
+    /// Returns whether to go on accepting: not after a failed fork, which
+    /// holds the connection.
+    fn dispatch(&mut self, stream: TcpStream, peer: SocketAddr, failures: u32) -> bool {
+        if self.table.connection_children() >= self.config.max_connections {
+            // overload = "reject" (see `room_for_a_connection`); for a held
+            // connection, a reload lowered max_connections meanwhile.
+            drop(stream);
+            self.log_refusal(peer, "max_connections reached (overload = \"reject\")");
+            return true;
+        }
+        // The per-address cap is checked at accept: a held connection
+        // passed it then.
+        let cap = self.config.max_connections_per_ip;
+        let count = self.per_ip.get(&peer.ip()).copied().unwrap_or(0);
+        if failures == 0 && cap > 0 && count >= cap {
+            drop(stream);
+            self.log_refusal(peer, "max_connections_per_ip reached");
+            return true;
+        }
+        self.fork_connection(stream, peer, failures);
+        // A failed fork: nothing more is accepted until the held
+        // connection has its child.
+        self.held.is_none()
     }
 
     /// Closes the held connection, if any, saying why.
