@@ -119,8 +119,9 @@ pub struct Master {
     pid: Pid,
     pidfile: Option<PidFile>,
     /// Fork mode: accepting is paused until then (after `EMFILE`, a failed
-    /// fork...). Only a future instant means anything: `wait` ignores a
-    /// past one, and a stop or a reload clears it.
+    /// fork...). It means something only while it lies ahead and the
+    /// master accepts (see [`Master::accept_pause`]): a pause that is over,
+    /// or that a stop interrupted, is left here unread. A reload clears it.
     accept_paused_until: Option<Instant>,
     /// Fork mode: when (`now_ms()`) an accept error that pauses accepting
     /// was last logged, and how many such pauses went unlogged since: a listener
@@ -286,11 +287,11 @@ impl Master {
     /// listeners) until something happens or the next timer. Returns whether
     /// to accept: a listener is readable, or a held connection is due.
     fn wait(&mut self) -> bool {
-        let accepting = self.fork_accepting();
+        let now = Instant::now();
+        let accepting = self.fork_accepting(now);
         // A held connection is forked for again as soon as accepting
         // resumes: the poll only looks at the signals then.
         let retry = accepting && self.held.is_some();
-        let now = Instant::now();
         let mut until = now + self.tick();
         if let Some(t) = self.table.next_deadline() {
             until = until.min(t);
@@ -300,11 +301,7 @@ impl Master {
                 until = until.min(t);
             }
         }
-        // A pause already over is no deadline: `fork_accepting` clears it,
-        // but only while running in fork mode, and a past instant here would
-        // make every poll return at once (a master spinning at 100% CPU
-        // through a whole drain).
-        if let Some(t) = self.accept_paused_until.filter(|&t| t > now) {
+        if let Some(t) = self.accept_pause(now) {
             until = until.min(t);
         }
         let timeout = if retry {
@@ -368,17 +365,23 @@ impl Master {
 
     /// Fork mode: whether the master should accept now (running, below the
     /// cap of live children, not paused).
-    fn fork_accepting(&mut self) -> bool {
-        if self.config.mode != Mode::Fork || self.state != State::Running {
-            return false;
-        }
-        if let Some(t) = self.accept_paused_until {
-            if Instant::now() < t {
-                return false;
-            }
-            self.accept_paused_until = None;
-        }
-        self.room_for_a_connection()
+    fn fork_accepting(&self, now: Instant) -> bool {
+        self.config.mode == Mode::Fork
+            && self.state == State::Running
+            && self.accept_pause(now).is_none()
+            && self.room_for_a_connection()
+    }
+
+    /// Fork mode: when the accept pause in force ends; `None` if accepting
+    /// is not paused. A pause that is over, or any pause once the master
+    /// accepts nothing (stopping, prefork mode), is none: as a poll
+    /// deadline, a past instant would make every poll return at once (a
+    /// master spinning at 100% CPU through a whole drain), and a pause
+    /// that a stop interrupted would wake it for nothing.
+    fn accept_pause(&self, now: Instant) -> Option<Instant> {
+        let master_accepts = self.config.mode == Mode::Fork && self.state == State::Running;
+        self.accept_paused_until
+            .filter(|&t| master_accepts && t > now)
     }
 
     fn handle_signal(&mut self, sig: i32) {
@@ -493,11 +496,11 @@ impl Master {
         self.generation += 1;
         self.wanted = self.config.workers;
         self.backoff.reset();
-        // A new generation starts accepting afresh (and a reload to
-        // prefork mode accepts nothing in the master). A held connection
-        // is tried again at once in fork mode; in prefork mode the master
-        // has no way to hand it over, and it would be inherited by every
-        // worker forked next.
+        // A new generation starts accepting afresh, without the old one's
+        // pause (a reload to prefork mode accepts nothing in the master).
+        // A held connection is tried again at once in fork mode; in prefork
+        // mode the master has no way to hand it over, and it would be
+        // inherited by every worker forked next.
         self.accept_paused_until = None;
         if self.config.mode != Mode::Fork {
             self.drop_held("the new config is prefork mode");
@@ -560,7 +563,6 @@ impl Master {
         self.notifier.stopping();
         // Nothing is accepted any more; a held connection goes as the
         // queued ones do.
-        self.accept_paused_until = None;
         self.drop_held("the master stops");
         // The master's descriptors go now; the workers close theirs as
         // they drain or die. After a fast stop the sockets are also shut
