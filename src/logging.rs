@@ -121,6 +121,11 @@ fn open_file(path: &PathBuf) -> Result<File, LogError> {
 /// anything else is done: the file can be opened for appending (and is
 /// created if absent, as the start would create it), or the syslog socket
 /// answers. `auto` and `stderr` always can.
+///
+/// The sink opened here is closed again, and [`apply`] opens its own:
+/// handing this one over would carry it out through
+/// `process::check_system` and `Config::load_with` to the start and the
+/// reload, to save one `open` (and only for `file` and `syslog`).
 pub fn check(cfg: &LogConfig) -> Result<(), KeyProblem> {
     match cfg.target {
         LogTarget::File => match open_sink(cfg, false) {
