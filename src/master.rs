@@ -271,7 +271,12 @@ impl Master {
             for sig in signals::in_handling_order(pending) {
                 self.handle_signal(sig);
             }
-            if accept {
+            // Asked again after the signals: a stop, or a reload to prefork
+            // mode, handled just now must stop the accepting that `wait`
+            // decided on (a listener and the signal pipe ready in the same
+            // poll), or a connection child would be forked while stopping,
+            // or under a prefork config.
+            if accept && self.fork_accepting(Instant::now()) {
                 self.accept_connections();
             }
             self.reap_children();
