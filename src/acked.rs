@@ -19,32 +19,52 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 
-/// The count of acknowledged bytes at the last look.
-#[derive(Debug, Default)]
-pub struct Acked {
-    last: Option<u64>,
+/// When a connection last moved a byte, in either direction: what echod
+/// moved itself ([`Self::moved`]), or bytes its client took from the
+/// socket, seen at a look ([`Self::look`]). `T` is the caller's clock (the
+/// workers' `now_ms`, fork mode's `Instant`).
+#[derive(Debug)]
+pub struct Activity<T> {
+    last: T,
+    /// The count of acknowledged bytes at the last look; `None` before the
+    /// first look and after echod moved bytes itself.
+    acked: Option<u64>,
 }
 
-impl Acked {
-    /// No look taken yet.
-    pub const fn new() -> Acked {
-        Acked { last: None }
+impl<T: Copy> Activity<T> {
+    /// A connection that moved its last byte `at`; no look taken yet.
+    pub const fn new(at: T) -> Activity<T> {
+        Activity {
+            last: at,
+            acked: None,
+        }
     }
 
-    /// Forgets the last look: echod just moved bytes itself, which set the
-    /// idle clock; acknowledgements of those bytes must not set it again.
-    pub fn forget(&mut self) {
-        self.last = None;
+    /// echod moved bytes `at`. The acknowledgements of those bytes must not
+    /// count again: the next look only takes the count.
+    pub fn moved(&mut self, at: T) {
+        self.last = at;
+        self.acked = None;
     }
 
-    /// Whether the peer of `socket` acknowledged bytes since the last look.
-    /// The first look after [`Self::new`] or [`Self::forget`] only takes
-    /// the count and answers false, as does a look the kernel refuses.
-    pub fn took_more(&mut self, socket: impl AsFd) -> bool {
+    /// Looks whether the peer of `socket` acknowledged bytes since the last
+    /// look, and if so counts it as activity `at`. The first look after
+    /// [`Self::new`] or [`Self::moved`] only takes the count and answers
+    /// false, as does a look the kernel refuses.
+    pub fn look(&mut self, socket: impl AsFd, at: T) -> bool {
         let Some(now) = bytes_acked(socket) else {
             return false;
         };
-        self.last.replace(now).is_some_and(|before| before != now)
+        let took = self.acked.replace(now).is_some_and(|before| before != now);
+        if took {
+            self.last = at;
+        }
+        took
+    }
+
+    /// When the last byte moved.
+    pub fn last(&self) -> T {
+        self.last
     }
 }
 
@@ -92,7 +112,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut server, _) = l.accept().unwrap();
-        let mut acked = Acked::new();
+        let mut acked = Activity::new(0u64);
         let mut exchange = |server: &mut TcpStream, n: u64| {
             let mut buf = [0u8; 1000];
             server.write_all(&buf).unwrap();
@@ -100,16 +120,19 @@ mod tests {
             until_acked(server, n);
         };
         exchange(&mut server, 1000);
-        assert!(!acked.took_more(&server), "the first look only counts");
-        assert!(!acked.took_more(&server), "nothing was sent since");
+        assert!(!acked.look(&server, 1), "the first look only counts");
+        assert!(!acked.look(&server, 2), "nothing was sent since");
+        assert_eq!(acked.last(), 0, "a look that saw nothing moves nothing");
         exchange(&mut server, 2000);
-        assert!(acked.took_more(&server), "1000 bytes taken, not seen");
-        assert!(!acked.took_more(&server), "nothing was sent since");
+        assert!(acked.look(&server, 3), "1000 bytes taken, not seen");
+        assert_eq!(acked.last(), 3, "bytes taken are activity");
+        assert!(!acked.look(&server, 4), "nothing was sent since");
         exchange(&mut server, 3000);
-        acked.forget();
+        acked.moved(5);
         assert!(
-            !acked.took_more(&server),
-            "the first look after forget only counts"
+            !acked.look(&server, 6),
+            "the first look after moved only counts"
         );
+        assert_eq!(acked.last(), 5);
     }
 }

@@ -24,7 +24,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::sys::socket::{send, MsgFlags};
 
-use crate::acked::Acked;
+use crate::acked::Activity;
 use crate::config::Config;
 use crate::echo::{Close, Echo, Next};
 use crate::process::exit_code;
@@ -32,7 +32,7 @@ use crate::process::exit_code;
 /// The connection, read and written by blocking calls bounded by the idle
 /// timeout.
 ///
-/// With an idle timeout, every wait ends at `last_moved + idle`: a wait
+/// With an idle timeout, every wait ends at the last activity + idle: a wait
 /// for input (`poll`), and a write that the client's full window holds up
 /// (a non-blocking `send`, then `poll` for room). A byte moved in either
 /// direction moves the deadline, as in the prefork worker, so a client
@@ -47,10 +47,9 @@ struct BlockingIo<'a> {
     stream: &'a TcpStream,
     /// `None`: no timeout (`idle_timeout = 0`), plain blocking calls.
     idle: Option<Duration>,
-    /// When the last byte moved, in either direction.
-    last_moved: Instant,
-    /// The bytes the client took from the socket while a write waits.
-    acked: Acked,
+    /// When the last byte moved, in either direction, counting the bytes
+    /// the client took from the socket while a write waits.
+    activity: Activity<Instant>,
 }
 
 /// How a bounded wait ended.
@@ -72,7 +71,7 @@ impl BlockingIo<'_> {
             .contains(PollFlags::POLLOUT)
             .then(|| (idle / 4).max(Duration::from_millis(10)));
         loop {
-            let mut left = (self.last_moved + idle).saturating_duration_since(Instant::now());
+            let mut left = (self.activity.last() + idle).saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(Waited::TimedOut);
             }
@@ -87,8 +86,8 @@ impl BlockingIo<'_> {
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
             ) {
                 Ok(0) => {
-                    if look.is_some() && self.acked.took_more(self.stream) {
-                        self.last_moved = Instant::now();
+                    if look.is_some() {
+                        self.activity.look(self.stream, Instant::now());
                     }
                 }
                 Err(Errno::EINTR) => continue,
@@ -102,8 +101,7 @@ impl BlockingIo<'_> {
 impl crate::echo::Io for BlockingIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = io::Read::read(&mut self.stream, buf)?;
-        self.last_moved = Instant::now();
-        self.acked.forget();
+        self.activity.moved(Instant::now());
         Ok(n)
     }
 
@@ -120,8 +118,7 @@ impl crate::echo::Io for BlockingIo<'_> {
                 MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
             ) {
                 Ok(n) => {
-                    self.last_moved = Instant::now();
-                    self.acked.forget();
+                    self.activity.moved(Instant::now());
                     return Ok(n);
                 }
                 Err(Errno::EAGAIN) => match self.wait(PollFlags::POLLOUT)? {
@@ -152,8 +149,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, config: &Config) -> i32 {
     let mut io = BlockingIo {
         stream: &stream,
         idle,
-        last_moved: Instant::now(),
-        acked: Acked::new(),
+        activity: Activity::new(Instant::now()),
     };
     loop {
         match io.wait(PollFlags::POLLIN) {

@@ -33,7 +33,7 @@
 //! | [`sched`] | the worker's scheduling policy (`sched_policy`: wake-up preemption) | worker |
 //! | [`conn`] | fork mode: serve one connection | connection child |
 //! | [`echo`] | the echo state machine over a buffer (pure) | worker, child |
-//! | [`acked`] | whether a client took bytes of its echo since the last look (`TCP_INFO`) | worker, child |
+//! | [`acked`] | when a connection last moved a byte, counting the bytes its client took (`TCP_INFO`) | worker, child |
 //! | [`logging`] | our `log::Log`: stderr, `<N>` prefixes, syslog, file | all |
 //! | [`notify`] | sd_notify: ready, reloading, stopping, status | master |
 //! | [`daemon`] | `--daemon`: double fork, readiness pipe | launcher |

@@ -87,7 +87,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::acked::Acked;
+use crate::acked::Activity;
 use crate::config::{Config, Overload};
 use crate::echo::Close;
 use crate::listener::{accept_error_consumes_a_connection, Listener};
@@ -351,10 +351,10 @@ impl Chunk {
 struct Conn {
     stream: TcpStream,
     ip: IpKey,
-    last_active: u64,
-    /// The bytes the client took from the socket while a send waits for
-    /// room, seen at the idle scans (see [`crate::acked`]).
-    acked: Acked,
+    /// `now_ms()` of the last byte moved, counting the bytes the client
+    /// took from the socket while a send waits for room, seen at the idle
+    /// scans (see [`crate::acked`]).
+    activity: Activity<u64>,
     /// The connection's receive (one-shot: at most one buffer) is in
     /// flight, cancelled or not: its completion has not arrived yet.
     recv_armed: bool,
@@ -893,8 +893,7 @@ impl Worker<'_> {
         self.conns[idx] = Some(Conn {
             stream,
             ip,
-            last_active: self.now,
-            acked: Acked::new(),
+            activity: Activity::new(self.now),
             recv_armed: false,
             front: None,
             sent: 0,
@@ -1004,8 +1003,7 @@ impl Worker<'_> {
         c.recv_armed = false;
         match (res, picked) {
             (1.., Some(bid)) if !c.closed => {
-                c.last_active = self.now;
-                c.acked.forget();
+                c.activity.moved(self.now);
                 c.drained = (res as usize) < self.bufs.buf_len && !cqueue::sock_nonempty(flags);
                 let chunk = Chunk::Ring {
                     bid,
@@ -1096,8 +1094,7 @@ impl Worker<'_> {
             return;
         }
         if done > 0 {
-            c.last_active = now;
-            c.acked.forget();
+            c.activity.moved(now);
         }
         c.sent += done;
         if c.sent < front.len() {
@@ -1309,15 +1306,15 @@ impl Worker<'_> {
             // holds, slowly, with the send not completing for longer than
             // idle_timeout. The bytes it took since the last scan are
             // activity (see crate::acked).
-            if !c.closed && c.front.is_some() && c.acked.took_more(&c.stream) {
-                c.last_active = self.now;
+            if !c.closed && c.front.is_some() {
+                c.activity.look(&c.stream, self.now);
             }
-            if !c.closed && self.now.saturating_sub(c.last_active) >= limit {
+            if !c.closed && self.now.saturating_sub(c.activity.last()) >= limit {
                 if log::log_enabled!(log::Level::Debug) {
                     log::debug!(
                         "connection from {} idle for {} ms; closing",
                         peer_of(&c.stream),
-                        self.now.saturating_sub(c.last_active)
+                        self.now.saturating_sub(c.activity.last())
                     );
                 }
                 self.close(idx, Close::Done);

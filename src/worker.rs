@@ -114,7 +114,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
-use crate::acked::Acked;
+use crate::acked::Activity;
 use crate::config::{Config, Overload};
 use crate::echo::{Close, Echo, Next};
 use crate::listener::{accept_error_consumes_a_connection, Listener};
@@ -158,11 +158,10 @@ struct Conn {
     stream: TcpStream,
     echo: Echo,
     waiting: Next,
-    /// `now_ms()` of the last byte moved in either direction.
-    last_active: u64,
-    /// The bytes the client took from the socket while its echo waits for
+    /// `now_ms()` of the last byte moved in either direction, counting
+    /// the bytes the client took from the socket while its echo waits for
     /// room, seen at the idle scans (see [`crate::acked`]).
-    acked: Acked,
+    activity: Activity<u64>,
     /// Where this connection is counted for `max_connections_per_ip`.
     ip: IpKey,
 }
@@ -906,8 +905,7 @@ impl<'a> Worker<'a> {
             stream,
             echo: Echo::new(),
             waiting: Next::Read,
-            last_active: self.now,
-            acked: Acked::new(),
+            activity: Activity::new(self.now),
             ip,
         });
         self.open += 1;
@@ -940,8 +938,7 @@ impl<'a> Worker<'a> {
         if let Some(p) = self.pipe.as_mut().filter(|p| p.held() > 0) {
             p.discard();
         }
-        conn.last_active = self.now;
-        conn.acked.forget();
+        conn.activity.moved(self.now);
         if next == conn.waiting {
             return;
         }
@@ -1015,10 +1012,10 @@ impl<'a> Worker<'a> {
             // the socket holds, slowly, with no room reported for longer
             // than idle_timeout. The bytes it took since the last scan are
             // activity (see crate::acked).
-            if limit > 0 && conn.waiting == Next::Write && conn.acked.took_more(&conn.stream) {
-                conn.last_active = self.now;
+            if limit > 0 && conn.waiting == Next::Write {
+                conn.activity.look(&conn.stream, self.now);
             }
-            let quiet = self.now.saturating_sub(conn.last_active);
+            let quiet = self.now.saturating_sub(conn.activity.last());
             if limit > 0 && quiet >= limit {
                 log::debug!(
                     "connection from {} idle for {quiet} ms; closing",
