@@ -934,8 +934,8 @@ impl<'a> Worker<'a> {
             _ => return,
         };
         // What a connection that ended left in the pipe must not reach the
-        // next one.
-        if let Some(p) = self.pipe.as_mut().filter(|p| p.held() > 0) {
+        // next one (nothing to do, and no call, when the pipe is empty).
+        if let Some(p) = self.pipe.as_mut() {
             p.discard();
         }
         conn.activity.moved(self.now);
